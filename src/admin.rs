@@ -1,0 +1,186 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` and the dead-letter API.
+//!
+//! Bound to loopback by default: it can replay and delete deliveries.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::spool::{DeliveryRecord, Spool};
+
+/// Most dead letters listed by one `GET /dead-letters` unless `?limit=` says otherwise.
+const DEFAULT_LIST_LIMIT: usize = 1_000;
+
+pub struct Admin {
+    pub spool: Spool,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let query = session
+            .req_header()
+            .uri
+            .query()
+            .unwrap_or_default()
+            .to_string();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/metrics") => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.encode(),
+            ),
+            (&Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({"status": "ok"})),
+            (&Method::GET, "/readyz") => {
+                if self.lifecycle.is_draining() {
+                    json_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "draining"}),
+                    )
+                } else {
+                    json_reply(StatusCode::OK, json!({"status": "ready"}))
+                }
+            }
+            (&Method::GET, "/dead-letters") => self.list(&query),
+            (&Method::POST, "/dead-letters/replay") => match query_id(&query) {
+                Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why),
+                Ok(id) => match self.spool.replay(id).await {
+                    Ok(n) if id.is_some() && n == 0 => not_found(id),
+                    Ok(n) => json_reply(StatusCode::OK, json!({"replayed": n})),
+                    Err(e) => unavailable(&e.to_string()),
+                },
+            },
+            (&Method::DELETE, "/dead-letters") => match query_id(&query) {
+                Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why),
+                Ok(None) => error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "DELETE needs ?id=<dead letter id>",
+                ),
+                Ok(Some(id)) => match self.spool.purge(id).await {
+                    Ok(true) => json_reply(StatusCode::OK, json!({"deleted": id})),
+                    Ok(false) => not_found(Some(id)),
+                    Err(e) => unavailable(&e.to_string()),
+                },
+            },
+            (_, "/metrics" | "/healthz" | "/readyz" | "/dead-letters" | "/dead-letters/replay") => {
+                error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    &format!("{method} not allowed on {path}"),
+                )
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no admin endpoint at {path}"),
+            ),
+        }
+    }
+}
+
+impl Admin {
+    fn list(&self, query: &str) -> Response<Vec<u8>> {
+        let limit = query_param(query, "limit")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_LIST_LIMIT);
+        match self.spool.dead_letters(limit) {
+            Ok(records) => {
+                let items: Vec<Value> = records.iter().map(dead_letter_json).collect();
+                json_reply(StatusCode::OK, Value::Array(items))
+            }
+            Err(e) => unavailable(&e.to_string()),
+        }
+    }
+}
+
+fn dead_letter_json(r: &DeliveryRecord) -> Value {
+    json!({
+        "id": r.id,
+        "action": r.action,
+        "upstream": r.upstream,
+        "event_id": r.event_id,
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "last_status": r.last_status,
+        "accepted_at": time(Some(r.accepted_ms)),
+        "first_attempt_at": time(r.first_attempt_ms),
+        "last_attempt_at": time(r.last_attempt_ms),
+        "dead_at": time(r.dead_ms),
+    })
+}
+
+/// RFC 3339 time (UTC, milliseconds), or null.
+fn time(ms: Option<u64>) -> Value {
+    ms.map_or(Value::Null, |ms| {
+        let at = UNIX_EPOCH + Duration::from_millis(ms);
+        Value::String(humantime::format_rfc3339_millis(at).to_string())
+    })
+}
+
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn query_id(query: &str) -> Result<Option<u64>, String> {
+    match query_param(query, "id") {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("id {v:?} is not a dead letter id")),
+    }
+}
+
+fn not_found(id: Option<u64>) -> Response<Vec<u8>> {
+    let id = id.map_or_else(String::new, |id| id.to_string());
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no dead letter with id {id}"),
+    )
+}
+
+fn unavailable(why: &str) -> Response<Vec<u8>> {
+    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
+    json_reply(status, json!({"error": code, "message": message}))
+}
+
+fn json_reply(status: StatusCode, body: Value) -> Response<Vec<u8>> {
+    reply(status, "application/json", body.to_string().into_bytes())
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    // Pingora does not add Content-Length for us; without it the body would be
+    // close-delimited on a keep-alive connection.
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    if let Ok(v) = content_type.parse() {
+        headers.insert(http::header::CONTENT_TYPE, v);
+    }
+    let length = response.body().len();
+    response.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(length),
+    );
+    response
+}

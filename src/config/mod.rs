@@ -1,0 +1,681 @@
+//! The YAML configuration: schema, defaults, `${ENV}` expansion and validation.
+//!
+//! Parsing happens in two steps. Serde reads the file into `raw` structs that mirror the YAML
+//! (unknown keys are errors, so a typo cannot silently disable a check); `validate` then turns
+//! them into a [`Config`] whose fields are already checked, typed values: a `Config` that exists
+//! holds no unparsed URL, CIDR, duration, template or unknown source name.
+
+mod env;
+mod raw;
+pub mod units;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+
+use crate::delivery::retry::RetryPolicy;
+use crate::delivery::template::{Template, ValueMapping};
+use crate::delivery::when::When;
+use crate::ingress::allowlist::IpSet;
+use raw::{RawAction, RawConfig, RawUpstream};
+use units::{parse_duration, parse_size};
+
+/// Flashduty's SaaS push addresses, the built-in `flashduty` source (PAYLOAD.md). A config may
+/// redefine `sources.flashduty` when Flashduty announces new ones or for an on-prem install.
+pub const FLASHDUTY_SOURCES: [&str; 4] = [
+    "47.94.95.118/32",
+    "123.56.8.183/32",
+    "47.94.193.81/32",
+    "1.13.19.96/32",
+];
+
+/// A checked configuration. Build it with [`Config::load`] or [`Config::from_yaml`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub listen: Vec<Listener>,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/dead-letters`).
+    pub admin: SocketAddr,
+    /// Directory of the embedded durable store.
+    pub spool_path: PathBuf,
+    pub limits: Limits,
+    /// How long an accepted (action, event_id) is remembered to answer `duplicate`.
+    pub dedup_window: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: IpSet,
+    pub fallback: Option<Fallback>,
+    pub actions: Vec<Action>,
+    /// What to do with an unknown value of a documented enum (schema drift).
+    pub schema_drift: DriftPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Worker threads of the main listener.
+    pub threads: usize,
+    /// How long in-flight requests and delivery attempts get on shutdown.
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest accepted request body, in bytes.
+    pub max_body: usize,
+    /// Deadline for receiving the whole request body.
+    pub read_timeout: Duration,
+}
+
+/// Where requests that match no action are proxied.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    /// Host name for SNI and certificate checks.
+    pub host: String,
+}
+
+/// Whether an unknown enum value (e.g. a new incident `progress`) rejects the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftPolicy {
+    /// Count it in `actiongate_schema_drift_total`, log it once, accept the event.
+    Accept,
+    /// Answer `400 invalid_payload` naming the field and value.
+    Reject,
+}
+
+/// One Flashduty custom action: a path, who may call it, and where its events go.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub name: String,
+    pub path: String,
+    pub allow: IpSet,
+    pub secret: Option<Secret>,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// A shared-secret header that must be present with this exact value.
+#[derive(Clone)]
+pub struct Secret {
+    pub header: HeaderName,
+    pub value: Vec<u8>,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The value is a credential: never print it, not even in debug output.
+        f.debug_struct("Secret")
+            .field("header", &self.header)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// An internal service that receives an action's events.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub url: url::Url,
+    pub method: Method,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Per-attempt timeout, connect included.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    /// Most attempts in flight at once to this upstream.
+    pub concurrency: usize,
+    pub when: Option<When>,
+    /// Body template; `None` forwards the payload exactly as received.
+    pub body: Option<Template>,
+    pub value_mapping: ValueMapping,
+    /// Verify the upstream's TLS certificate (default true).
+    pub tls_verify: bool,
+    /// Extra CA certificates (PEM) to trust for this upstream.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Every problem found in a configuration, one per line, each starting with its key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, expands and validates the file at `path` using the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
+        Self::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML text; `env` resolves `${NAME}`.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigErrors(vec![format!("(file): not valid YAML: {e}")]))?;
+        let problems = env::expand(&mut doc, env);
+        if !problems.is_empty() {
+            return Err(ConfigErrors(problems));
+        }
+        let raw: RawConfig = serde_path_to_error::deserialize(doc).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            };
+            ConfigErrors(vec![format!("{path}: {}", e.into_inner())])
+        })?;
+        let mut check = Check::default();
+        let config = validate(raw, &mut check);
+        match config {
+            Some(config) if check.problems.is_empty() => Ok(config),
+            _ => Err(ConfigErrors(check.problems)),
+        }
+    }
+
+    /// The action served at `path`, if any (exact match).
+    pub fn action_by_path(&self, path: &str) -> Option<&Action> {
+        self.actions.iter().find(|a| a.path == path)
+    }
+}
+
+/// Collects problems so that `-t` can report all of them at once.
+#[derive(Default)]
+struct Check {
+    problems: Vec<String>,
+}
+
+impl Check {
+    fn fail(&mut self, path: impl fmt::Display, why: impl fmt::Display) {
+        self.problems.push(format!("{path}: {why}"));
+    }
+
+    /// Records the error of `result` under `path` and returns its value, if any.
+    fn ok<T>(&mut self, path: impl fmt::Display, result: Result<T, String>) -> Option<T> {
+        result.map_err(|why| self.fail(path, why)).ok()
+    }
+
+    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        match text {
+            None => default,
+            Some(text) => self.ok(path, parse_duration(text)).unwrap_or(default),
+        }
+    }
+}
+
+fn is_name(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
+    let threads = raw.server.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        check.fail("server.threads", "must be at least 1");
+    }
+    let server = ServerSettings {
+        threads: threads.max(1),
+        grace_period: check.duration(
+            "server.grace_period",
+            raw.server.grace_period.as_deref(),
+            Duration::from_secs(5),
+        ),
+    };
+
+    if raw.listen.is_empty() {
+        check.fail("listen", "at least one listener is required");
+    }
+    let mut listen = Vec::new();
+    for (i, l) in raw.listen.iter().enumerate() {
+        let Some(addr) = check.ok(format!("listen[{i}].addr"), parse_socket_addr(&l.addr)) else {
+            continue;
+        };
+        let tls = l.tls.as_ref().and_then(|tls| {
+            let cert = check.ok(
+                format!("listen[{i}].tls.cert"),
+                check_pem(&tls.cert, "CERTIFICATE"),
+            );
+            let key = check.ok(
+                format!("listen[{i}].tls.key"),
+                check_pem(&tls.key, "PRIVATE KEY"),
+            );
+            Some(TlsFiles {
+                cert: cert?,
+                key: key?,
+            })
+        });
+        listen.push(Listener { addr, tls });
+    }
+
+    let admin_text = raw.admin.addr.as_deref().unwrap_or("127.0.0.1:9091");
+    let admin = check.ok("admin.addr", parse_socket_addr(admin_text));
+    if let Some(admin) = admin {
+        if listen.iter().any(|l| l.addr == admin) {
+            check.fail("admin.addr", format!("{admin} is also a listen address"));
+        }
+    }
+
+    let spool_path = PathBuf::from(raw.spool.path.as_deref().unwrap_or("./data"));
+    let max_body = match &raw.limits.max_body {
+        None => 1 << 20,
+        Some(value) => check
+            .ok("limits.max_body", size_value(value))
+            .unwrap_or(1 << 20),
+    };
+    if max_body == 0 {
+        check.fail("limits.max_body", "must be more than 0");
+    }
+    let limits = Limits {
+        max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+        read_timeout: check.duration(
+            "limits.read_timeout",
+            raw.limits.read_timeout.as_deref(),
+            Duration::from_secs(5),
+        ),
+    };
+    let dedup_window = check.duration(
+        "dedup_window",
+        raw.dedup_window.as_deref(),
+        Duration::from_secs(24 * 3600),
+    );
+
+    // Named sources: the built-in list first, so that a config can redefine it.
+    let mut sources: BTreeMap<String, IpSet> = BTreeMap::new();
+    sources.insert(
+        "flashduty".into(),
+        IpSet::new(FLASHDUTY_SOURCES.iter().filter_map(|c| c.parse().ok())),
+    );
+    for (name, cidrs) in &raw.sources {
+        if !is_name(name) {
+            check.fail(
+                format!("sources.{name}"),
+                "a source name may use only a-z, 0-9, - and _",
+            );
+        }
+        let nets = cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| check.ok(format!("sources.{name}[{i}]"), parse_net(text)));
+        sources.insert(name.clone(), IpSet::new(nets.collect::<Vec<_>>()));
+    }
+
+    let trusted: Vec<IpNet> = raw
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| check.ok(format!("trusted_proxies[{i}]"), parse_net(text)))
+        .collect();
+
+    let fallback = raw
+        .fallback
+        .as_ref()
+        .and_then(|f| check.ok("fallback.url", parse_fallback(&f.url)));
+
+    let schema_drift = match raw.schema_drift.as_deref() {
+        None | Some("accept") => DriftPolicy::Accept,
+        Some("reject") => DriftPolicy::Reject,
+        Some(other) => {
+            check.fail(
+                "schema_drift",
+                format!("{other:?} is not a policy (use accept or reject)"),
+            );
+            DriftPolicy::Accept
+        }
+    };
+
+    if raw.actions.is_empty() {
+        check.fail("actions", "at least one action is required");
+    }
+    let mut names = HashSet::new();
+    let mut paths = HashSet::new();
+    let mut actions = Vec::new();
+    for (i, a) in raw.actions.iter().enumerate() {
+        let at = format!("actions[{i}]");
+        if !names.insert(a.name.as_str()) {
+            check.fail(format!("{at}.name"), format!("{:?} is used twice", a.name));
+        }
+        if !paths.insert(a.path.as_str()) {
+            check.fail(format!("{at}.path"), format!("{:?} is used twice", a.path));
+        }
+        if let Some(action) = validate_action(&at, a, &sources, check) {
+            actions.push(action);
+        }
+    }
+
+    Some(Config {
+        server,
+        listen,
+        admin: admin?,
+        spool_path,
+        limits,
+        dedup_window,
+        trusted_proxies: IpSet::new(trusted),
+        fallback,
+        actions,
+        schema_drift,
+    })
+}
+
+fn validate_action(
+    at: &str,
+    a: &RawAction,
+    sources: &BTreeMap<String, IpSet>,
+    check: &mut Check,
+) -> Option<Action> {
+    if !is_name(&a.name) {
+        check.fail(
+            format!("{at}.name"),
+            format!("{:?} may use only a-z, 0-9, - and _", a.name),
+        );
+    }
+    if !a.path.starts_with('/') || a.path.contains(['?', '#']) {
+        check.fail(
+            format!("{at}.path"),
+            format!(
+                "{:?} must be an absolute path without query (e.g. /actions/restart)",
+                a.path
+            ),
+        );
+    }
+    let default_allow = vec!["flashduty".to_string()];
+    let mut allow = Vec::new();
+    for (j, entry) in a
+        .allow
+        .as_ref()
+        .unwrap_or(&default_allow)
+        .iter()
+        .enumerate()
+    {
+        if let Some(set) = sources.get(entry) {
+            allow.extend(set.nets().iter().copied());
+        } else if entry.contains(['.', ':']) {
+            if let Some(net) = check.ok(format!("{at}.allow[{j}]"), parse_net(entry)) {
+                allow.push(net);
+            }
+        } else {
+            let known: Vec<&str> = sources.keys().map(String::as_str).collect();
+            check.fail(
+                format!("{at}.allow[{j}]"),
+                format!(
+                    "unknown source {entry:?} (known: {}; or write a CIDR)",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+    let secret = a.secret.as_ref().and_then(|s| {
+        let header = check.ok(
+            format!("{at}.secret.header"),
+            HeaderName::from_bytes(s.header.as_bytes())
+                .map_err(|_| format!("{:?} is not a valid header name", s.header)),
+        );
+        if s.value.is_empty() {
+            check.fail(format!("{at}.secret.value"), "must not be empty");
+            return None;
+        }
+        Some(Secret {
+            header: header?,
+            value: s.value.as_bytes().to_vec(),
+        })
+    });
+    if a.upstreams.is_empty() {
+        check.fail(
+            format!("{at}.upstreams"),
+            "at least one upstream is required",
+        );
+    }
+    let mut upstream_names = HashSet::new();
+    let mut upstreams = Vec::new();
+    for (j, u) in a.upstreams.iter().enumerate() {
+        let uat = format!("{at}.upstreams[{j}]");
+        if !upstream_names.insert(u.name.as_str()) {
+            check.fail(
+                format!("{uat}.name"),
+                format!("{:?} is used twice in this action", u.name),
+            );
+        }
+        if let Some(upstream) = validate_upstream(&uat, u, check) {
+            upstreams.push(upstream);
+        }
+    }
+    Some(Action {
+        name: a.name.clone(),
+        path: a.path.clone(),
+        allow: IpSet::new(allow),
+        secret,
+        upstreams,
+    })
+}
+
+fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Upstream> {
+    if !is_name(&u.name) {
+        check.fail(
+            format!("{at}.name"),
+            format!("{:?} may use only a-z, 0-9, - and _", u.name),
+        );
+    }
+    let url = check.ok(format!("{at}.url"), parse_upstream_url(&u.url));
+    let method = match u.method.as_deref() {
+        None => Some(Method::POST),
+        Some(m) => check.ok(
+            format!("{at}.method"),
+            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| format!("{m:?} is not an HTTP method")),
+        ),
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &u.headers {
+        let hat = format!("{at}.headers.{name}");
+        let name = check.ok(
+            &hat,
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| "not a valid header name".to_string()),
+        );
+        let value = check.ok(
+            &hat,
+            HeaderValue::from_str(value)
+                .map_err(|_| "not a valid header value (control characters?)".to_string()),
+        );
+        if let (Some(name), Some(mut value)) = (name, value) {
+            // Configured headers often carry credentials: keep them out of debug output.
+            value.set_sensitive(true);
+            headers.push((name, value));
+        }
+    }
+    let timeout = check.duration(
+        &format!("{at}.timeout"),
+        u.timeout.as_deref(),
+        Duration::from_secs(10),
+    );
+    if timeout.is_zero() {
+        check.fail(format!("{at}.timeout"), "must be more than 0");
+    }
+    let raw_retry = u.retry.clone().unwrap_or_default();
+    let attempts = raw_retry.attempts.unwrap_or(8);
+    if attempts == 0 {
+        check.fail(format!("{at}.retry.attempts"), "must be at least 1");
+    }
+    let backoff = check.duration(
+        &format!("{at}.retry.backoff"),
+        raw_retry.backoff.as_deref(),
+        Duration::from_secs(1),
+    );
+    let max_backoff = check.duration(
+        &format!("{at}.retry.max_backoff"),
+        raw_retry.max_backoff.as_deref(),
+        Duration::from_secs(300),
+    );
+    if backoff > max_backoff {
+        check.fail(
+            format!("{at}.retry.backoff"),
+            "is longer than retry.max_backoff",
+        );
+    }
+    let concurrency = u.concurrency.unwrap_or(32);
+    if concurrency == 0 {
+        check.fail(format!("{at}.concurrency"), "must be at least 1");
+    }
+    let when = u.when.as_ref().and_then(|w| {
+        check
+            .ok(format!("{at}.when"), When::compile(w))
+            .or_else(|| None)
+    });
+    let body = u
+        .body
+        .as_ref()
+        .and_then(|text| check.ok(format!("{at}.body"), Template::parse_json(text)));
+    let value_mapping = ValueMapping::new(u.value_mapping.clone().unwrap_or_default());
+    let ca_file = u
+        .ca_file
+        .as_ref()
+        .and_then(|p| check.ok(format!("{at}.ca_file"), check_pem(p, "CERTIFICATE")));
+    if let Some(url) = &url {
+        if url.scheme() != "https" && (u.tls_verify.is_some() || ca_file.is_some()) {
+            check.fail(
+                format!("{at}.url"),
+                "tls_verify and ca_file need an https URL",
+            );
+        }
+    }
+    Some(Upstream {
+        name: u.name.clone(),
+        url: url?,
+        method: method?,
+        headers,
+        timeout,
+        retry: RetryPolicy {
+            attempts: attempts.max(1),
+            backoff,
+            max_backoff,
+        },
+        concurrency: concurrency.max(1),
+        when,
+        body,
+        value_mapping,
+        tls_verify: u.tls_verify.unwrap_or(true),
+        ca_file,
+    })
+}
+
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an address (try 0.0.0.0:8443 or [::]:8443)"))
+}
+
+/// Parses a CIDR or a bare address (taken as a single host).
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{text:?} is not a CIDR or IP address (try 10.20.0.0/16)"))
+}
+
+fn size_value(value: &serde_yaml::Value) -> Result<u64, String> {
+    match value {
+        serde_yaml::Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| format!("{n} is not a size (try 65536, 64KiB, 1MiB)")),
+        serde_yaml::Value::String(text) => parse_size(text),
+        other => Err(format!("{other:?} is not a size (try 65536, 64KiB, 1MiB)")),
+    }
+}
+
+fn parse_upstream_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| match e {
+        url::ParseError::RelativeUrlWithoutBase => "relative URL not allowed".to_string(),
+        other => format!("{text:?} is not a URL: {other}"),
+    })?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => {
+            return Err(format!(
+                "scheme {other:?} not supported (use http or https)"
+            ))
+        }
+    }
+    if url.host().is_none() {
+        return Err("URL has no host".into());
+    }
+    Ok(url)
+}
+
+fn parse_fallback(text: &str) -> Result<Fallback, String> {
+    let url = parse_upstream_url(text)?;
+    if !(url.path().is_empty() || url.path() == "/") || url.query().is_some() {
+        return Err("a path or query is not supported (requests keep their own)".into());
+    }
+    let host = url
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = url.port_or_known_default().unwrap_or(80);
+    // Resolved once here: Pingora's HttpPeer wants an address, and resolving per request
+    // would put a blocking DNS lookup on the request path.
+    let addr = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host:?} resolves to no address"))?;
+    Ok(Fallback {
+        addr,
+        tls: url.scheme() == "https",
+        host,
+    })
+}
+
+/// Checks that a PEM file exists and holds at least one block of the expected kind, so that a
+/// bad file fails `-t` instead of panicking a listener at start-up.
+fn check_pem(path: &str, kind: &str) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    let found = text.lines().any(|line| {
+        line.starts_with("-----BEGIN ") && line.trim_end().ends_with(&format!("{kind}-----"))
+    });
+    if found {
+        Ok(PathBuf::from(path))
+    } else {
+        Err(format!("{path:?} holds no PEM {kind}"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+//! The configuration file exactly as written: serde mirrors of the YAML, before any checks.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Pingora server settings.
+    #[serde(default)]
+    pub server: RawServer,
+    /// The public listeners (at least one).
+    #[serde(default)]
+    pub listen: Vec<RawListen>,
+    /// The admin listener.
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// The durable store.
+    #[serde(default)]
+    pub spool: RawSpool,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// How long an event_id is remembered [24h].
+    pub dedup_window: Option<String>,
+    /// Named allowlists; `flashduty` is built in.
+    #[serde(default)]
+    pub sources: BTreeMap<String, Vec<String>>,
+    /// CIDRs whose X-Forwarded-For is believed [none].
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Where non-action requests are proxied [none: 404].
+    pub fallback: Option<RawFallback>,
+    /// The custom actions.
+    #[serde(default)]
+    pub actions: Vec<RawAction>,
+    /// `accept` [default] or `reject` unknown enum values in payloads.
+    pub schema_drift: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Worker threads [number of CPUs].
+    pub threads: Option<usize>,
+    /// Time given to in-flight work on shutdown [5s].
+    pub grace_period: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    /// `host:port` to bind.
+    pub addr: String,
+    /// Terminate TLS with these PEM files.
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// [127.0.0.1:9091]
+    pub addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpool {
+    /// Directory of the store [./data].
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Largest body, bytes or `64KiB`/`1MiB` [1MiB].
+    pub max_body: Option<serde_yaml::Value>,
+    /// Deadline for the whole body [5s].
+    pub read_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    /// `http://host:port` or `https://host:port`.
+    pub url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAction {
+    /// `[a-z0-9_-]+`, unique; a metrics label.
+    pub name: String,
+    /// Exact request path.
+    pub path: String,
+    /// Source names and/or CIDRs [flashduty].
+    pub allow: Option<Vec<String>>,
+    /// Shared-secret header.
+    pub secret: Option<RawSecret>,
+    /// Where accepted events go.
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    pub header: String,
+    pub value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Unique within the action.
+    pub name: String,
+    /// Absolute http(s) URL.
+    pub url: String,
+    /// [POST]
+    pub method: Option<String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Per-attempt timeout [10s].
+    pub timeout: Option<String>,
+    /// Retry policy [8 attempts, 1s, 5m].
+    pub retry: Option<RawRetry>,
+    /// In-flight attempts [32].
+    pub concurrency: Option<usize>,
+    /// Conditions on the payload; all must hold.
+    pub when: Option<serde_yaml::Mapping>,
+    /// Body template [the payload as received].
+    pub body: Option<String>,
+    /// Per-path value replacement for templates.
+    pub value_mapping: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Verify the upstream certificate [true].
+    pub tls_verify: Option<bool>,
+    /// Extra CA bundle (PEM) for this upstream.
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<u32>,
+    pub backoff: Option<String>,
+    pub max_backoff: Option<String>,
+}

@@ -1,0 +1,343 @@
+//! The request path: from a request on an action path to a durable, acknowledged event.
+//!
+//! Checks run in the contract's order — action, client address, secret, method, content
+//! type, size, payload — and a request is stored only when every check passed. Each check is
+//! owned by a module of its own; this file only sequences them.
+
+pub mod allowlist;
+pub mod answer;
+pub mod client_addr;
+pub mod payload;
+pub mod secret;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Method};
+use pingora_core::protocols::http::ServerSession;
+
+use crate::config::{Action, Config, DriftPolicy, Limits};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{ActionMetrics, Metrics};
+use crate::spool::{Appended, NewEvent, Spool};
+use allowlist::IpSet;
+use answer::{Answer, Outcome};
+use payload::{PayloadError, DRIFT_FIELDS};
+
+/// Distinct drift values logged, at most; past that they are only counted.
+const DRIFT_LOG_LIMIT: usize = 256;
+
+/// The request path for every configured action.
+pub struct Ingress {
+    actions: HashMap<String, Route>,
+    trusted_proxies: IpSet,
+    limits: Limits,
+    drift_policy: DriftPolicy,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+    drift_logged: Mutex<HashSet<(usize, String)>>,
+}
+
+/// One action, with what its requests need at hand.
+struct Route {
+    action: Action,
+    name: Arc<str>,
+    upstreams: Vec<Arc<str>>,
+    metrics: ActionMetrics,
+}
+
+impl Ingress {
+    pub fn new(
+        config: &Config,
+        spool: Spool,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Ingress {
+        let actions = config
+            .actions
+            .iter()
+            .map(|action| {
+                let route = Route {
+                    name: Arc::from(action.name.as_str()),
+                    upstreams: action
+                        .upstreams
+                        .iter()
+                        .map(|u| Arc::from(u.name.as_str()))
+                        .collect(),
+                    metrics: metrics.for_action(&action.name),
+                    action: action.clone(),
+                };
+                (action.path.clone(), route)
+            })
+            .collect();
+        Ingress {
+            actions,
+            trusted_proxies: config.trusted_proxies.clone(),
+            limits: config.limits,
+            drift_policy: config.schema_drift,
+            spool,
+            metrics,
+            lifecycle,
+            drift_logged: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Whether `path` is an action path.
+    pub fn is_action_path(&self, path: &str) -> bool {
+        self.actions.contains_key(path)
+    }
+
+    /// Answers the request if its path is an action path and returns `Ok(true)`; returns
+    /// `Ok(false)` without touching the session otherwise, so the caller can proxy it on.
+    pub async fn handle(&self, session: &mut ServerSession) -> pingora_core::Result<bool> {
+        let started = Instant::now();
+        let Some(route) = self.actions.get(session.req_header().uri.path()) else {
+            return Ok(false);
+        };
+        let _in_flight = self.lifecycle.request();
+        let answer = self.decide(route, session).await;
+        let result = respond(session, &answer).await;
+        route.metrics.request(answer.outcome);
+        if answer.outcome.status() == 200 {
+            route.metrics.ack(started.elapsed());
+        }
+        log::debug!(
+            "action={} outcome={} status={}",
+            route.name,
+            answer.outcome.label(),
+            answer.outcome.status()
+        );
+        result.map(|()| true)
+    }
+
+    /// Answers `404 unknown_action`, for a path that is no action when there is no fallback.
+    pub async fn answer_unknown(&self, session: &mut ServerSession) -> pingora_core::Result<()> {
+        self.metrics.unknown_action();
+        let path = session.req_header().uri.path().to_string();
+        let answer = Answer::error(Outcome::UnknownAction, format!("no action at {path}"));
+        respond(session, &answer).await
+    }
+
+    async fn decide(&self, route: &Route, session: &mut ServerSession) -> Answer {
+        let action = &route.action;
+        let request = session.req_header();
+
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let Some(peer) = peer else {
+            return Answer::error(Outcome::ForbiddenSource, "client address unknown");
+        };
+        let client = client_addr::resolve(
+            peer,
+            request
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+            &self.trusted_proxies,
+        );
+        if !action.allow.contains(client) {
+            return Answer::error(
+                Outcome::ForbiddenSource,
+                format!("source {client} is not allowed for action {}", action.name),
+            );
+        }
+
+        if let Some(s) = &action.secret {
+            let values = request
+                .headers
+                .get_all(&s.header)
+                .iter()
+                .map(|v| v.as_bytes());
+            if !secret::holds(s, values) {
+                return Answer::error(
+                    Outcome::Unauthorized,
+                    format!("header {} is missing or wrong", s.header),
+                );
+            }
+        }
+
+        if self.lifecycle.is_draining() {
+            return Answer::error(Outcome::Unavailable, "shutting down; retry shortly");
+        }
+
+        if request.method != Method::POST {
+            return Answer::error(
+                Outcome::MethodNotAllowed,
+                format!("method {} not allowed; use POST", request.method),
+            );
+        }
+
+        let content_type = request
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if !is_json(content_type) {
+            return Answer::error(
+                Outcome::UnsupportedMediaType,
+                format!(
+                    "content type {:?} not supported; send application/json",
+                    String::from_utf8_lossy(content_type)
+                ),
+            );
+        }
+
+        let declared = request
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.limits.max_body as u64) {
+            return too_large(self.limits.max_body);
+        }
+        let expects_continue = request
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue && session.write_continue_response().await.is_err() {
+            return Answer::error(Outcome::RequestTimeout, "client went away");
+        }
+
+        let body = match tokio::time::timeout(
+            self.limits.read_timeout,
+            read_body(session, self.limits.max_body),
+        )
+        .await
+        {
+            Err(_) => {
+                return Answer::error(
+                    Outcome::RequestTimeout,
+                    format!("body not received within {:?}", self.limits.read_timeout),
+                )
+            }
+            Ok(Err(answer)) => return answer,
+            Ok(Ok(body)) => body,
+        };
+
+        let event_id = match payload::validate(&body, self.drift_policy) {
+            Err(PayloadError::NotJson(why)) => {
+                return Answer::error(Outcome::InvalidJson, format!("body is not JSON: {why}"))
+            }
+            Err(PayloadError::Invalid(why)) => return Answer::error(Outcome::InvalidPayload, why),
+            Ok(valid) => {
+                for (field, value) in &valid.drift {
+                    self.schema_drift(*field, value);
+                }
+                valid.event_id.into_owned()
+            }
+        };
+
+        let event = NewEvent {
+            action: route.name.clone(),
+            event_id,
+            body,
+            upstreams: route.upstreams.clone(),
+        };
+        let event_id = event.event_id.clone();
+        match self.spool.append(event).await {
+            Ok(Appended::Accepted(_)) => Answer::success(Outcome::Accepted, &event_id),
+            Ok(Appended::Duplicate) => Answer::success(Outcome::Duplicate, &event_id),
+            Err(e) => {
+                log::error!(
+                    "action={} event_id={event_id}: cannot store: {e}",
+                    route.name
+                );
+                Answer::error(
+                    Outcome::Unavailable,
+                    "cannot store the event right now; retry",
+                )
+            }
+        }
+    }
+
+    fn schema_drift(&self, field: usize, value: &str) {
+        self.metrics.schema_drift(field);
+        let Ok(mut logged) = self.drift_logged.lock() else {
+            return;
+        };
+        if logged.len() < DRIFT_LOG_LIMIT && logged.insert((field, value.to_string())) {
+            log::warn!(
+                "schema drift: {} has the undocumented value {value:?} (accepted; counted in actiongate_schema_drift_total)",
+                DRIFT_FIELDS.get(field).copied().unwrap_or("?")
+            );
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Answer {
+    Answer::error(
+        Outcome::PayloadTooLarge,
+        format!("body is larger than the limit of {limit} bytes"),
+    )
+}
+
+/// `application/json`, any case, parameters allowed.
+fn is_json(content_type: &[u8]) -> bool {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    essence.eq_ignore_ascii_case(b"application/json")
+}
+
+/// Reads the whole body, stopping as soon as it passes `limit`.
+async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Bytes, Answer> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    let mut size = 0usize;
+    loop {
+        let chunk = session.read_request_body().await.map_err(|e| {
+            Answer::error(Outcome::RequestTimeout, format!("body not received: {e}"))
+        })?;
+        let Some(chunk) = chunk else { break };
+        size += chunk.len();
+        if size > limit {
+            return Err(too_large(limit));
+        }
+        // The common case is one chunk: keep it without copying.
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(chunk),
+            (Some(head), None) => {
+                let mut buf = BytesMut::with_capacity(size.max(head.len() * 2));
+                buf.extend_from_slice(head);
+                buf.extend_from_slice(&chunk);
+                rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&chunk),
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// Writes `answer` to the client.
+async fn respond(session: &mut ServerSession, answer: &Answer) -> pingora_core::Result<()> {
+    let (header, body) = answer.to_response()?;
+    session.write_response_header(Box::new(header)).await?;
+    session.write_response_body(body, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json;
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(b"application/json"));
+        assert!(is_json(b"Application/JSON; charset=utf-8"));
+        assert!(is_json(b" application/json ;x=y"));
+        assert!(!is_json(b"text/plain"));
+        assert!(!is_json(b"application/jsonx"));
+        assert!(!is_json(b""));
+    }
+}

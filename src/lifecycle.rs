@@ -1,0 +1,155 @@
+//! Shutdown as a first-class value: readiness, draining, and the work still in flight.
+//!
+//! On SIGTERM or SIGINT the gateway turns not-ready (`/readyz` 503, new action requests 503
+//! with `Retry-After`), lets in-flight requests finish and gives in-flight delivery attempts
+//! `server.grace_period`; then Pingora closes the listeners and the process exits. Whatever was
+//! not delivered stays in the spool for the next start.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+/// Shared by the ingress, the dispatcher, the admin listener and the signal handler.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    requests: AtomicUsize,
+    deliveries: AtomicUsize,
+    changed: Notify,
+}
+
+/// Counts one unit of in-flight work while it lives.
+#[must_use]
+pub struct InFlight<'a> {
+    lifecycle: &'a Lifecycle,
+    counter: &'a AtomicUsize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+        self.lifecycle.changed.notify_waiters();
+    }
+}
+
+impl Lifecycle {
+    pub fn new() -> Arc<Lifecycle> {
+        Arc::new(Lifecycle::default())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Stops taking new work.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Marks a request to an action path as in flight.
+    pub fn request(&self) -> InFlight<'_> {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            lifecycle: self,
+            counter: &self.requests,
+        }
+    }
+
+    /// Marks a delivery attempt as in flight.
+    pub fn delivery(&self) -> InFlight<'_> {
+        self.deliveries.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            lifecycle: self,
+            counter: &self.deliveries,
+        }
+    }
+
+    pub fn in_flight(&self) -> (usize, usize) {
+        (
+            self.requests.load(Ordering::Acquire),
+            self.deliveries.load(Ordering::Acquire),
+        )
+    }
+
+    /// Resolves once draining has begun.
+    pub async fn draining(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_draining() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until no request or delivery is in flight, or `grace` has passed. Returns whether
+    /// everything finished.
+    pub async fn drained(&self, grace: Duration) -> bool {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.in_flight() == (0, 0) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(grace, wait).await.is_ok()
+    }
+}
+
+/// Pingora's shutdown trigger, replaced so that SIGTERM and SIGINT both drain first.
+///
+/// Pingora's own handler closes listeners at once and then sleeps the whole grace period
+/// unconditionally; draining here instead lets an idle gateway stop in milliseconds and a busy
+/// one take exactly as long as its in-flight work needs, up to the grace period.
+pub struct DrainOnSignal {
+    pub lifecycle: Arc<Lifecycle>,
+    pub grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            log::error!("cannot install signal handlers; shutting down");
+            return ShutdownSignal::FastShutdown;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => {
+                log::info!("SIGQUIT: handing listeners over for a graceful upgrade");
+                self.lifecycle.begin_drain();
+                return ShutdownSignal::GracefulUpgrade;
+            }
+        };
+        log::info!("{name}: draining (grace period {:?})", self.grace);
+        self.lifecycle.begin_drain();
+        let finished = self.lifecycle.drained(self.grace).await;
+        let (requests, deliveries) = self.lifecycle.in_flight();
+        if finished {
+            log::info!("drained; stopping");
+        } else {
+            log::warn!(
+                "grace period over with {requests} requests and {deliveries} delivery attempts in flight; \
+                 they stay in the spool for the next start"
+            );
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}

@@ -1,0 +1,161 @@
+//! The `actiongate` command: run the gateway, check a config, or render what an upstream gets.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+
+use actiongate::config::{Config, DriftPolicy};
+use actiongate::delivery::request;
+use actiongate::ingress::payload;
+use actiongate::server::{Gateway, Mode};
+
+/// Edge gateway for Flashduty custom actions.
+#[derive(Parser, Debug)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// The configuration file.
+    #[arg(short = 'c', long = "conf", value_name = "FILE")]
+    conf: Option<PathBuf>,
+    /// Check the configuration and exit: 0 when valid, 1 with one line per problem.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Run in the background (Pingora's daemon mode).
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Take over the listeners of a running instance (Pingora's graceful upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print exactly what an upstream would receive for a payload (method, URL, headers, body).
+    Render {
+        #[arg(short = 'c', long = "conf", value_name = "FILE")]
+        conf: PathBuf,
+        /// The action's name.
+        #[arg(long)]
+        action: String,
+        /// The upstream's name within the action.
+        #[arg(long)]
+        upstream: String,
+        /// A payload file, as Flashduty would send it.
+        payload: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Render {
+        conf,
+        action,
+        upstream,
+        payload,
+    }) = &cli.command
+    {
+        return render(conf, action, upstream, payload);
+    }
+    let Some(path) = &cli.conf else {
+        eprintln!("actiongate: -c FILE is required (see --help)");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.test {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    let mode = Mode {
+        daemon: cli.daemon,
+        upgrade: cli.upgrade,
+    };
+    match Gateway::build(config, mode) {
+        Ok(gateway) => {
+            log::info!("actiongate {} starting", env!("CARGO_PKG_VERSION"));
+            gateway.run();
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("actiongate: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Path) -> ExitCode {
+    let config = match Config::load(conf) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprintln!("{problems}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(action) = config.actions.iter().find(|a| a.name == action_name) else {
+        let known: Vec<&str> = config.actions.iter().map(|a| a.name.as_str()).collect();
+        eprintln!("no action {action_name:?} (actions: {})", known.join(", "));
+        return ExitCode::from(1);
+    };
+    let Some(upstream) = action.upstreams.iter().find(|u| u.name == upstream_name) else {
+        let known: Vec<&str> = action.upstreams.iter().map(|u| u.name.as_str()).collect();
+        eprintln!(
+            "no upstream {upstream_name:?} in {action_name} (upstreams: {})",
+            known.join(", ")
+        );
+        return ExitCode::from(1);
+    };
+    let raw = match std::fs::read(payload_path) {
+        Ok(raw) => Bytes::from(raw),
+        Err(e) => {
+            eprintln!("{}: {e}", payload_path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let event_id = match payload::validate(&raw, DriftPolicy::Accept) {
+        Ok(valid) => valid.event_id.into_owned(),
+        Err(e) => {
+            eprintln!(
+                "{}: the gateway would refuse this payload: {e:?}",
+                payload_path.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&raw) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{}: {e}", payload_path.display());
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(when) = &upstream.when {
+        if !when.matches(&value) {
+            println!("# when: does not match; {upstream_name} would skip this event");
+            return ExitCode::SUCCESS;
+        }
+    }
+    let headers = request::headers(upstream, &action.name, &event_id, 1);
+    let body = request::body(upstream, &raw, Some(&value));
+    println!("{} {}", upstream.method, upstream.url);
+    for (name, value) in &headers {
+        println!("{}: {}", name, String::from_utf8_lossy(value.as_bytes()));
+    }
+    println!();
+    println!("{}", String::from_utf8_lossy(&body));
+    ExitCode::SUCCESS
+}

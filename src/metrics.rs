@@ -1,0 +1,269 @@
+//! Every Prometheus metric actiongate exports, defined in one place.
+//!
+//! All series for the configured actions and upstreams are created at start-up with value 0,
+//! so that dashboards and alert rules never meet an absent series. The request path holds
+//! pre-resolved handles ([`ActionMetrics`]) and never looks up labels or takes a lock.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::config::Config;
+use crate::delivery::DeliveryOutcome;
+use crate::ingress::answer::Outcome;
+use crate::ingress::payload::DRIFT_FIELDS;
+
+/// `action` label for requests that matched no action.
+pub const NO_ACTION: &str = "(none)";
+
+/// Acks must resolve 100 µs to 1 s (Flashduty's deadline).
+const ACK_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
+];
+/// Delivery attempts resolve 1 ms to 60 s.
+const DELIVERY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Lag spans retries too: up to hours.
+const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 1800.0, 3600.0, 21600.0,
+];
+
+/// The registry and every metric family in it.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    ack: HistogramVec,
+    deliveries: IntCounterVec,
+    attempt_duration: HistogramVec,
+    lag: HistogramVec,
+    pending: IntGaugeVec,
+    dead: IntGaugeVec,
+    drift: IntCounterVec,
+    commit_duration: Histogram,
+    commit_batch: Histogram,
+}
+
+/// Handles for one action's request metrics, resolved once.
+#[derive(Clone)]
+pub struct ActionMetrics {
+    requests: Vec<IntCounter>,
+    ack: Histogram,
+}
+
+impl ActionMetrics {
+    pub fn request(&self, outcome: Outcome) {
+        if let Some(counter) = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .and_then(|i| self.requests.get(i))
+        {
+            counter.inc();
+        }
+    }
+
+    pub fn ack(&self, elapsed: Duration) {
+        self.ack.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Handles for one (action, upstream)'s delivery metrics, resolved once.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    outcomes: Vec<IntCounter>,
+    pub attempt_duration: Histogram,
+    pub lag: Histogram,
+}
+
+impl UpstreamMetrics {
+    pub fn delivery(&self, outcome: DeliveryOutcome) {
+        if let Some(counter) = DeliveryOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .and_then(|i| self.outcomes.get(i))
+        {
+            counter.inc();
+        }
+    }
+}
+
+fn must<T>(result: prometheus::Result<T>) -> T {
+    // Metric definitions are constants of this file; an error here is a programming error
+    // caught by the first test run, never something input can cause.
+    result.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    /// Creates the registry with every series of `config` at 0.
+    pub fn new(config: &Config) -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = must(HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            ));
+            must(registry.register(Box::new(h.clone())));
+            h
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let commit_duration = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "actiongate_spool_commit_duration_seconds",
+                "Time to apply and fsync one spool batch.",
+            )
+            .buckets(ACK_BUCKETS.to_vec()),
+        ));
+        must(registry.register(Box::new(commit_duration.clone())));
+        let commit_batch = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "actiongate_spool_commit_batch_size",
+                "Changes committed together in one spool fsync (group commit).",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+            ]),
+        ));
+        must(registry.register(Box::new(commit_batch.clone())));
+
+        let metrics = Metrics {
+            requests: counter(
+                "actiongate_requests_total",
+                "Requests to action paths, by outcome.",
+                &["action", "outcome"],
+            ),
+            ack: histogram(
+                "actiongate_ack_duration_seconds",
+                "From the request headers to the last byte of the 200, per action.",
+                &["action"],
+                ACK_BUCKETS,
+            ),
+            deliveries: counter(
+                "actiongate_deliveries_total",
+                "Delivery attempts and decisions, by outcome.",
+                &["action", "upstream", "outcome"],
+            ),
+            attempt_duration: histogram(
+                "actiongate_delivery_attempt_duration_seconds",
+                "Duration of one delivery attempt.",
+                &["action", "upstream"],
+                DELIVERY_BUCKETS,
+            ),
+            lag: histogram(
+                "actiongate_delivery_lag_seconds",
+                "From acceptance to successful delivery.",
+                &["action", "upstream"],
+                LAG_BUCKETS,
+            ),
+            pending: gauge(
+                "actiongate_pending_deliveries",
+                "Deliveries waiting in the spool (due or backing off).",
+                &["upstream"],
+            ),
+            dead: gauge(
+                "actiongate_dead_letters",
+                "Deliveries in dead letters, waiting for an operator.",
+                &["upstream"],
+            ),
+            drift: counter(
+                "actiongate_schema_drift_total",
+                "Unknown values of documented payload enums, by field.",
+                &["field"],
+            ),
+            commit_duration,
+            commit_batch,
+            registry,
+        };
+        for outcome in Outcome::ALL {
+            metrics
+                .requests
+                .with_label_values(&[NO_ACTION, outcome.label()]);
+        }
+        for action in &config.actions {
+            metrics.for_action(&action.name);
+            for upstream in &action.upstreams {
+                metrics.for_upstream(&action.name, &upstream.name);
+                metrics.pending_deliveries(&upstream.name);
+                metrics.dead_letters(&upstream.name);
+            }
+        }
+        for field in DRIFT_FIELDS {
+            metrics.drift.with_label_values(&[field]);
+        }
+        metrics
+    }
+
+    /// Request-path handles for `action` (creating its series).
+    pub fn for_action(&self, action: &str) -> ActionMetrics {
+        ActionMetrics {
+            requests: Outcome::ALL
+                .iter()
+                .map(|o| self.requests.with_label_values(&[action, o.label()]))
+                .collect(),
+            ack: self.ack.with_label_values(&[action]),
+        }
+    }
+
+    /// Delivery handles for (`action`, `upstream`) (creating its series).
+    pub fn for_upstream(&self, action: &str, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            outcomes: DeliveryOutcome::ALL
+                .iter()
+                .map(|o| {
+                    self.deliveries
+                        .with_label_values(&[action, upstream, o.label()])
+                })
+                .collect(),
+            attempt_duration: self.attempt_duration.with_label_values(&[action, upstream]),
+            lag: self.lag.with_label_values(&[action, upstream]),
+        }
+    }
+
+    /// A request to a path that is no action (and no fallback took it).
+    pub fn unknown_action(&self) {
+        self.requests
+            .with_label_values(&[NO_ACTION, Outcome::UnknownAction.label()])
+            .inc();
+    }
+
+    pub fn pending_deliveries(&self, upstream: &str) -> IntGauge {
+        self.pending.with_label_values(&[upstream])
+    }
+
+    pub fn dead_letters(&self, upstream: &str) -> IntGauge {
+        self.dead.with_label_values(&[upstream])
+    }
+
+    /// Counts an unknown enum value in `DRIFT_FIELDS[field]`.
+    pub fn schema_drift(&self, field: usize) {
+        if let Some(name) = DRIFT_FIELDS.get(field) {
+            self.drift.with_label_values(&[name]).inc();
+        }
+    }
+
+    pub fn observe_spool_commit(&self, batch: usize, took: Duration) {
+        self.commit_batch.observe(batch as f64);
+        self.commit_duration.observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding our own well-formed families into a Vec does not fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
