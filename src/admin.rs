@@ -36,11 +36,15 @@ impl ServeHttp for Admin {
             .unwrap_or_default()
             .to_string();
         match (&method, path.as_str()) {
-            (&Method::GET, "/metrics") => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.encode(),
-            ),
+            (&Method::GET, "/metrics") => {
+                let (requests, deliveries) = self.lifecycle.in_flight();
+                self.metrics.set_in_flight(requests, deliveries);
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
             (&Method::GET, "/healthz") => json_reply(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, "/readyz") => {
                 if self.lifecycle.is_draining() {

@@ -45,6 +45,7 @@ pub struct Metrics {
     pending: IntGaugeVec,
     dead: IntGaugeVec,
     drift: IntCounterVec,
+    in_flight: IntGaugeVec,
     commit_duration: Histogram,
     commit_batch: Histogram,
 }
@@ -183,6 +184,11 @@ impl Metrics {
                 "Unknown values of documented payload enums, by field.",
                 &["field"],
             ),
+            in_flight: gauge(
+                "actiongate_in_flight",
+                "Action requests and delivery attempts in progress, read at scrape time.",
+                &["kind"],
+            ),
             commit_duration,
             commit_batch,
             registry,
@@ -252,6 +258,16 @@ impl Metrics {
         if let Some(name) = DRIFT_FIELDS.get(field) {
             self.drift.with_label_values(&[name]).inc();
         }
+    }
+
+    /// Sets the in-flight gauges (called by the admin listener before each scrape).
+    pub fn set_in_flight(&self, requests: usize, deliveries: usize) {
+        self.in_flight
+            .with_label_values(&["request"])
+            .set(requests as i64);
+        self.in_flight
+            .with_label_values(&["delivery"])
+            .set(deliveries as i64);
     }
 
     pub fn observe_spool_commit(&self, batch: usize, took: Duration) {

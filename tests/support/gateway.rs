@@ -1,0 +1,251 @@
+//! The real `actiongate` binary, started on loopback ports with its own spool directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actiongate::config::Config;
+use actiongate::metrics::Metrics;
+use actiongate::spool::{Spool, SpoolCounts};
+
+use super::{client, eventually, free_port};
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Gateway {
+    /// Starts the gateway on `yaml` (everything but `listen`, `admin` and `spool`, which are
+    /// filled in here) and waits until `/readyz` answers 200.
+    pub async fn start(yaml: &str) -> Gateway {
+        Gateway::start_with_env(yaml, &[]).await
+    }
+
+    pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "listen: [{{addr: \"{addr}\"}}]\nadmin: {{addr: \"{admin}\"}}\nspool: {{path: \"{}\"}}\n{yaml}",
+            dir.path().join("spool").display()
+        );
+        std::fs::write(dir.path().join("actiongate.yaml"), config).expect("write config");
+        let mut gateway = Gateway {
+            addr,
+            admin,
+            dir,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            starts: 0,
+        };
+        gateway.spawn().await;
+        gateway
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("actiongate.yaml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("actiongate.{}.log", self.starts))
+    }
+
+    /// Starts (again) on the same config and spool, and waits for readiness.
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_actiongate"))
+            .arg("-c")
+            .arg(self.config_path())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start actiongate");
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    /// Waits until `/readyz` answers 200; fails fast, with the logs, if the process exits.
+    async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("actiongate exited at start ({status}):\n{}", self.logs());
+            }
+            if readyz(self.admin).await == Some(200) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "actiongate never became ready:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `kill -9`: no chance to flush or drain anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` and waits (up to 30 s) for the process to exit.
+    pub async fn stop_with(&mut self, signal: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        let sent = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        eventually("actiongate to exit", Duration::from_secs(30), || {
+            child.try_wait().ok().flatten()
+        })
+        .await
+    }
+
+    /// Sends `signal` without waiting.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill")
+            .success());
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        eventually("actiongate to exit", Duration::from_secs(30), || {
+            child.try_wait().ok().flatten()
+        })
+        .await
+    }
+
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                std::fs::read_to_string(self.dir.path().join(format!("actiongate.{n}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub async fn metrics(&self) -> String {
+        let response = client::get(self.admin, "/metrics").await;
+        assert_eq!(response.status, 200);
+        String::from_utf8(response.body).expect("utf-8 metrics")
+    }
+
+    /// The value of one series, e.g. `actiongate_requests_total{action="a",outcome="accepted"}`.
+    /// Labels must be written in the order Prometheus prints them (alphabetical).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        metric_value(&text, series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
+    /// Waits until `series` has `value` (panics after 10 s).
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.metrics().await;
+            let now = metric_value(&text, series);
+            if now == Some(value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {now:?}, wanted {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// What the spool holds; the gateway must be stopped (the store is single-process).
+    pub fn stored(&self) -> SpoolCounts {
+        assert!(
+            self.child.is_none(),
+            "stop the gateway before opening its spool"
+        );
+        let spool = self.open_spool();
+        spool.counts().expect("spool counts")
+    }
+
+    pub fn open_spool(&self) -> Spool {
+        let text = std::fs::read_to_string(self.config_path()).expect("config");
+        let env = |name: &str| {
+            self.env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let config = Config::from_yaml(&text, &env).expect("config");
+        let metrics = Arc::new(Metrics::new(&config));
+        Spool::open(&self.spool_dir(), config.dedup_window, metrics).expect("open spool")
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The status of `GET /readyz`, or None when the admin listener does not answer.
+pub async fn readyz(admin: SocketAddr) -> Option<u16> {
+    use tokio::io::AsyncWriteExt;
+    let connect = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(admin),
+    );
+    let mut stream = connect.await.ok()?.ok()?;
+    let request = format!("GET /readyz HTTP/1.1\r\nHost: {admin}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    client::read_response(&mut stream)
+        .await
+        .ok()
+        .map(|r| r.status)
+}
+
+/// Finds `series` in a Prometheus text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
