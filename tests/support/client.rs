@@ -197,3 +197,41 @@ pub async fn call(to: SocketAddr, method: &str, path: &str) -> Response {
     .send(to)
     .await
 }
+
+/// POSTs each body to `path` over `connections` keep-alive connections; returns the statuses.
+pub async fn post_many(
+    to: SocketAddr,
+    path: &str,
+    bodies: Vec<Vec<u8>>,
+    connections: usize,
+) -> Vec<u16> {
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(
+        bodies.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let queue = queue.clone();
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = connect(to, None).await;
+            let mut statuses = Vec::new();
+            loop {
+                let next = queue.lock().expect("lock").pop();
+                let Some((i, body)) = next else { break };
+                let request = Request::post_json(&path, &body);
+                let mut bytes = request.head(to);
+                bytes.extend_from_slice(&body);
+                stream.write_all(&bytes).await.expect("write");
+                let response = read_response(&mut stream).await.expect("response");
+                statuses.push((i, response.status));
+            }
+            statuses
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    all.sort();
+    all.into_iter().map(|(_, s)| s).collect()
+}

@@ -185,6 +185,27 @@ impl Gateway {
         }
     }
 
+    /// Waits until `series` is at least `value` (panics after `limit`).
+    pub async fn wait_metric_at_least(&self, series: &str, value: f64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let now = metric_value(&self.metrics().await, series);
+            if now.is_some_and(|v| v >= value) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {now:?}, wanted at least {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// What the spool holds; the gateway must be stopped (the store is single-process).
     pub fn stored(&self) -> SpoolCounts {
         assert!(

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod tls;
 pub mod upstream;
 
 use std::path::PathBuf;

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 /// One request as the upstream received it.
@@ -16,6 +16,8 @@ pub struct Received {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// When the request had fully arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -39,6 +41,8 @@ pub enum Reply {
     Full(u16, Vec<(String, String)>, String),
     /// Read the request, then never answer.
     Hang,
+    /// Answer with this status after a pause.
+    Delayed(Duration, u16),
     /// Send a status line and part of the promised body, then close.
     CloseMidResponse,
 }
@@ -77,14 +81,51 @@ impl Upstream {
         Upstream::serve(listener, Arc::new(script))
     }
 
+    /// Like `start`, speaking HTTPS with `tls`.
+    pub async fn start_tls(
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        script: impl Fn(usize, &Received) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        Upstream::serve_with(
+            listener,
+            Arc::new(script),
+            Some(tokio_rustls::TlsAcceptor::from(tls)),
+        )
+    }
+
     fn serve(listener: TcpListener, script: Arc<Script>) -> Upstream {
+        Upstream::serve_with(listener, script, None)
+    }
+
+    fn serve_with(
+        listener: TcpListener,
+        script: Arc<Script>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Upstream {
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let arrived = Arc::new(Notify::new());
         let (r, a) = (received.clone(), arrived.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(connection(stream, script.clone(), r.clone(), a.clone()));
+                let (script, r, a) = (script.clone(), r.clone(), a.clone());
+                match tls.clone() {
+                    None => {
+                        tokio::spawn(connection(stream, script, r, a));
+                    }
+                    Some(acceptor) => {
+                        tokio::spawn(async move {
+                            // A failed handshake (e.g. the client refused our certificate) is
+                            // the client's business; the test sees it in the gateway.
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                connection(stream, script, r, a).await;
+                            }
+                        });
+                    }
+                }
             }
         });
         Upstream {
@@ -124,14 +165,24 @@ impl Upstream {
         }
     }
 
+    /// The distinct Idempotency-Keys received.
+    pub fn idempotency_keys(&self) -> std::collections::BTreeSet<String> {
+        self.received()
+            .iter()
+            .filter_map(|r| r.header("idempotency-key").map(str::to_string))
+            .collect()
+    }
+
     /// Stops accepting and closes the listening socket (open connections die with their tasks).
-    pub fn stop(self) {
+    pub async fn stop(self) {
         self.task.abort();
+        // Awaiting the aborted task guarantees the listener is dropped before we return.
+        let _ = self.task.await;
     }
 }
 
-async fn connection(
-    mut stream: TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     script: Arc<Script>,
     received: Arc<Mutex<Vec<Received>>>,
     arrived: Arc<Notify>,
@@ -159,6 +210,10 @@ async fn connection(
                 text.push_str(&body);
                 text
             }
+            Reply::Delayed(pause, status) => {
+                tokio::time::sleep(pause).await;
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n")
+            }
             Reply::Hang => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return;
@@ -176,7 +231,7 @@ async fn connection(
     }
 }
 
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Received> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>) -> Option<Received> {
     let head_end = loop {
         if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break at;
@@ -218,5 +273,6 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Recei
         path,
         headers,
         body,
+        at: std::time::Instant::now(),
     })
 }

@@ -1,0 +1,643 @@
+//! The delivery path against the real binary: retries, timeouts, dead letters and replay,
+//! isolation between upstreams, TLS, and at-least-once delivery across kill -9 and SIGTERM.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::client::{self, Request};
+use support::gateway::Gateway;
+use support::tls::TestCa;
+use support::upstream::{Reply, Upstream};
+use support::{event_with_id, free_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One action `act` at /act, open to 127.0.0.1, with the given upstream YAML items.
+fn config(grace: &str, upstreams: &[String]) -> String {
+    format!(
+        "server: {{threads: 2, grace_period: {grace}}}\nsources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - name: act\n    path: /act\n    allow: [local]\n    upstreams:\n{}",
+        upstreams.iter().map(|u| format!("      - {u}\n")).collect::<String>()
+    )
+}
+
+/// An upstream item: `{name: NAME, url: "URL", …extra}` with fast retries by default.
+fn upstream(name: &str, url: &str, extra: &str) -> String {
+    let retry = if extra.contains("retry:") {
+        ""
+    } else {
+        ", retry: {attempts: 5, backoff: 10ms, max_backoff: 50ms}"
+    };
+    format!(
+        "{{name: {name}, url: \"{url}\"{retry}{}{extra}}}",
+        if extra.is_empty() { "" } else { ", " }
+    )
+}
+
+async fn accept(gateway: &Gateway, event_id: &str) {
+    let response = Request::post_json("/act", &event_with_id(event_id))
+        .send(gateway.addr)
+        .await;
+    assert_eq!(
+        response.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(response.json()["status"], "accepted");
+}
+
+fn series(name: &str, upstream: &str, outcome: &str) -> String {
+    format!("{name}{{action=\"act\",outcome=\"{outcome}\",upstream=\"{upstream}\"}}")
+}
+
+async fn dead_letters(gateway: &Gateway) -> Vec<serde_json::Value> {
+    let response = client::get(gateway.admin, "/dead-letters").await;
+    assert_eq!(response.status, 200);
+    response.json().as_array().cloned().expect("a JSON list")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_is_retried_and_the_next_200_delivers() {
+    let up = Upstream::start(|n, _| {
+        if n == 0 {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&config("1s", &[upstream("up", &up.url("/hook"), "")])).await;
+    accept(&gateway, "r-1").await;
+    let got = up.wait_for(2, WAIT).await;
+    assert_eq!(got[0].header("x-actiongate-attempt"), Some("1"));
+    assert_eq!(got[1].header("x-actiongate-attempt"), Some("2"));
+    assert_eq!(got[0].header("idempotency-key"), Some("r-1:up"));
+    assert_eq!(
+        got[1].header("idempotency-key"),
+        Some("r-1:up"),
+        "the same key on every attempt"
+    );
+    assert_eq!(got[1].body, event_with_id("r-1"));
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        gateway
+            .metric(&series("actiongate_deliveries_total", "up", "retried"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gateway
+            .metric("actiongate_pending_deliveries{upstream=\"up\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        gateway
+            .metric("actiongate_delivery_lag_seconds_count{action=\"act\",upstream=\"up\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gateway.metric("actiongate_delivery_attempt_duration_seconds_count{action=\"act\",upstream=\"up\"}").await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_hangs_past_the_timeout_is_retried() {
+    let up = Upstream::start(|n, _| {
+        if n == 0 {
+            Reply::Hang
+        } else {
+            Reply::Status(204)
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&config(
+        "1s",
+        &[upstream("up", &up.url("/"), "timeout: 300ms")],
+    ))
+    .await;
+    accept(&gateway, "h-1").await;
+    up.wait_for(2, WAIT).await;
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            1.0,
+        )
+        .await;
+    assert!(
+        gateway
+            .logs()
+            .contains("result=\"timed out after 300ms\" decision=retry"),
+        "{}",
+        gateway.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_retried_until_the_upstream_comes_up() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let retry = "retry: {attempts: 1000, backoff: 10ms, max_backoff: 50ms}";
+    let gateway = Gateway::start(&config(
+        "1s",
+        &[upstream("up", &format!("http://{addr}/"), retry)],
+    ))
+    .await;
+    accept(&gateway, "c-1").await;
+    gateway
+        .wait_metric_at_least(
+            &series("actiongate_deliveries_total", "up", "retried"),
+            2.0,
+            WAIT,
+        )
+        .await;
+    assert!(
+        gateway.logs().contains("connect failed"),
+        "{}",
+        gateway.logs()
+    );
+    let up = Upstream::start_on(addr, |_, _| Reply::Status(200)).await;
+    let got = up.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("idempotency-key"), Some("c-1:up"));
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            1.0,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_is_dead_lettered_at_once_and_replay_delivers_it() {
+    let up = Upstream::start(|n, _| {
+        if n == 0 {
+            Reply::Full(404, vec![], "no such host".into())
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&config("1s", &[upstream("up", &up.url("/"), "")])).await;
+    accept(&gateway, "d-1").await;
+    gateway
+        .wait_metric("actiongate_dead_letters{upstream=\"up\"}", 1.0)
+        .await;
+    assert_eq!(up.received().len(), 1, "a permanent failure is not retried");
+    assert_eq!(
+        gateway
+            .metric(&series(
+                "actiongate_deliveries_total",
+                "up",
+                "dead_lettered"
+            ))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gateway
+            .metric("actiongate_pending_deliveries{upstream=\"up\"}")
+            .await,
+        0.0
+    );
+
+    let letters = dead_letters(&gateway).await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter["action"], "act");
+    assert_eq!(letter["upstream"], "up");
+    assert_eq!(letter["event_id"], "d-1");
+    assert_eq!(letter["attempts"], 1);
+    assert_eq!(letter["last_error"], "HTTP 404: no such host");
+    assert_eq!(letter["last_status"], 404);
+    for time in [
+        "accepted_at",
+        "first_attempt_at",
+        "last_attempt_at",
+        "dead_at",
+    ] {
+        assert!(
+            letter[time].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{time}: {letter}"
+        );
+    }
+    let id = letter["id"].as_u64().unwrap();
+
+    let missing = client::call(gateway.admin, "POST", "/dead-letters/replay?id=999999").await;
+    assert_eq!(missing.status, 404);
+    let bad = client::call(gateway.admin, "POST", "/dead-letters/replay?id=x").await;
+    assert_eq!(bad.status, 400);
+    let replay = client::call(
+        gateway.admin,
+        "POST",
+        &format!("/dead-letters/replay?id={id}"),
+    )
+    .await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.json(), serde_json::json!({"replayed": 1}));
+    let got = up.wait_for(2, WAIT).await;
+    assert_eq!(
+        got[1].header("x-actiongate-attempt"),
+        Some("1"),
+        "replay resets the attempt count"
+    );
+    assert_eq!(
+        got[1].header("idempotency-key"),
+        Some("d-1:up"),
+        "and keeps the key"
+    );
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        gateway
+            .metric("actiongate_dead_letters{upstream=\"up\"}")
+            .await,
+        0.0
+    );
+    assert!(dead_letters(&gateway).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_can_be_replayed_all_at_once_or_deleted() {
+    let up = Upstream::start(|n, _| {
+        if n < 3 {
+            Reply::Status(410)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&config("1s", &[upstream("up", &up.url("/"), "")])).await;
+    for id in ["a-1", "a-2", "a-3"] {
+        accept(&gateway, id).await;
+    }
+    gateway
+        .wait_metric("actiongate_dead_letters{upstream=\"up\"}", 3.0)
+        .await;
+    let letters = dead_letters(&gateway).await;
+    let first = letters[0]["id"].as_u64().unwrap();
+    let deleted = client::call(
+        gateway.admin,
+        "DELETE",
+        &format!("/dead-letters?id={first}"),
+    )
+    .await;
+    assert_eq!(deleted.status, 200);
+    assert_eq!(
+        client::call(
+            gateway.admin,
+            "DELETE",
+            &format!("/dead-letters?id={first}")
+        )
+        .await
+        .status,
+        404
+    );
+    assert_eq!(
+        client::call(gateway.admin, "DELETE", "/dead-letters")
+            .await
+            .status,
+        400
+    );
+    let replay = client::call(gateway.admin, "POST", "/dead-letters/replay").await;
+    assert_eq!(replay.json(), serde_json::json!({"replayed": 2}));
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            2.0,
+        )
+        .await;
+    let delivered: BTreeSet<_> = up.received()[3..]
+        .iter()
+        .filter_map(|r| r.header("x-actiongate-event-id").map(str::to_string))
+        .collect();
+    assert_eq!(delivered.len(), 2);
+    assert!(
+        !delivered.contains(letters[0]["event_id"].as_str().unwrap()),
+        "the deleted one stays deleted"
+    );
+    assert_eq!(
+        gateway
+            .metric("actiongate_dead_letters{upstream=\"up\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let up = Upstream::start(|n, _| {
+        if n == 0 {
+            Reply::Full(503, vec![("Retry-After".into(), "1".into())], String::new())
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let retry = "retry: {attempts: 3, backoff: 1ms, max_backoff: 10s}";
+    let gateway = Gateway::start(&config("1s", &[upstream("up", &up.url("/"), retry)])).await;
+    accept(&gateway, "ra-1").await;
+    let got = up.wait_for(2, WAIT).await;
+    // Without Retry-After the backoff here is at most 1 ms; with it, at least a second.
+    let gap = got[1].at.duration_since(got[0].at);
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_off_midway_is_retried() {
+    let up = Upstream::start(|n, _| {
+        if n == 0 {
+            Reply::CloseMidResponse
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&config("1s", &[upstream("up", &up.url("/"), "")])).await;
+    accept(&gateway, "m-1").await;
+    up.wait_for(2, WAIT).await;
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            1.0,
+        )
+        .await;
+    assert_eq!(
+        gateway
+            .metric(&series("actiongate_deliveries_total", "up", "retried"))
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_attempts_go_to_dead_letters_with_the_last_error() {
+    let up = Upstream::start(|_, _| Reply::Full(503, vec![], "overloaded".into())).await;
+    let retry = "retry: {attempts: 3, backoff: 1ms, max_backoff: 5ms}";
+    let gateway = Gateway::start(&config("1s", &[upstream("up", &up.url("/"), retry)])).await;
+    accept(&gateway, "x-1").await;
+    gateway
+        .wait_metric("actiongate_dead_letters{upstream=\"up\"}", 1.0)
+        .await;
+    assert_eq!(up.received().len(), 3);
+    let letter = &dead_letters(&gateway).await[0];
+    assert_eq!(letter["attempts"], 3);
+    assert_eq!(
+        letter["last_error"],
+        "HTTP 503: overloaded (after 3 attempts)"
+    );
+    assert_eq!(
+        gateway
+            .metric(&series("actiongate_deliveries_total", "up", "retried"))
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_upstream_does_not_delay_another() {
+    let slow = Upstream::start(|_, _| Reply::Hang).await;
+    let fast = Upstream::ok().await;
+    let gateway = Gateway::start(&config(
+        "1s",
+        &[
+            upstream("slow", &slow.url("/"), "timeout: 60s, concurrency: 2"),
+            upstream("fast", &fast.url("/"), ""),
+        ],
+    ))
+    .await;
+    for i in 0..20 {
+        accept(&gateway, &format!("iso-{i}")).await;
+    }
+    fast.wait_for(20, WAIT).await;
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "fast", "delivered"),
+            20.0,
+        )
+        .await;
+    // The slow lane holds exactly its two permits; the other 18 wait their turn, in the spool.
+    assert_eq!(slow.received().len(), 2);
+    assert_eq!(
+        gateway
+            .metric("actiongate_pending_deliveries{upstream=\"slow\"}")
+            .await,
+        20.0
+    );
+    assert_eq!(
+        gateway
+            .metric("actiongate_in_flight{kind=\"delivery\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstreams_are_verified_and_a_custom_ca_or_opt_out_is_honoured() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_path, _, _) = ca.write(dir.path());
+    let up = Upstream::start_tls(ca.server_config(), |_, _| Reply::Status(200)).await;
+    let url = format!("https://127.0.0.1:{}/", up.addr.port());
+    let gateway = Gateway::start(&config(
+        "1s",
+        &[
+            upstream("strict", &url, "retry: {attempts: 1}"),
+            upstream(
+                "custom-ca",
+                &url,
+                &format!("ca_file: \"{}\"", ca_path.display()),
+            ),
+            upstream("no-verify", &url, "tls_verify: false"),
+        ],
+    ))
+    .await;
+    accept(&gateway, "tls-1").await;
+    gateway
+        .wait_metric("actiongate_dead_letters{upstream=\"strict\"}", 1.0)
+        .await;
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "custom-ca", "delivered"),
+            1.0,
+        )
+        .await;
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "no-verify", "delivered"),
+            1.0,
+        )
+        .await;
+    let letter = &dead_letters(&gateway).await[0];
+    let error = letter["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("certificate") && error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    let keys = up.idempotency_keys();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["tls-1:custom-ca".to_string(), "tls-1:no-verify".to_string()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_pending_at_kill_9_are_all_delivered_after_restart() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut gateway = Gateway::start(&config(
+        "1s",
+        &[upstream(
+            "up",
+            &format!("http://{addr}/"),
+            "retry: {attempts: 100, backoff: 10ms, max_backoff: 100ms}",
+        )],
+    ))
+    .await;
+    let ids: Vec<String> = (0..50).map(|i| format!("k9-{i}")).collect();
+    let bodies = ids.iter().map(|id| event_with_id(id)).collect();
+    let statuses = client::post_many(gateway.addr, "/act", bodies, 8).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    gateway.kill9();
+    assert_eq!(gateway.stored().pending, 50);
+
+    let up = Upstream::start_on(addr, |_, _| Reply::Status(200)).await;
+    gateway.spawn().await;
+    support::eventually("all 50 delivered", WAIT, || {
+        (up.idempotency_keys().len() == 50).then_some(())
+    })
+    .await;
+    let expected: BTreeSet<String> = ids.iter().map(|id| format!("{id}:up")).collect();
+    assert_eq!(
+        up.idempotency_keys(),
+        expected,
+        "duplicates allowed, losses not"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_in_flight_at_kill_9_is_made_again_after_restart() {
+    let hanging = Upstream::start(|_, _| Reply::Hang).await;
+    let addr = hanging.addr;
+    let mut gateway = Gateway::start(&config(
+        "1s",
+        &[upstream("up", &format!("http://{addr}/"), "timeout: 60s")],
+    ))
+    .await;
+    accept(&gateway, "if-1").await;
+    hanging.wait_for(1, WAIT).await;
+    gateway.kill9();
+    hanging.stop().await;
+    let up = Upstream::start_on(addr, |_, _| Reply::Status(200)).await;
+    gateway.spawn().await;
+    let got = up.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("idempotency-key"), Some("if-1:up"));
+    gateway
+        .wait_metric(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            1.0,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_attempt_finish_within_the_grace_period() {
+    let up = Upstream::start(|_, _| Reply::Delayed(Duration::from_millis(500), 200)).await;
+    let mut gateway = Gateway::start(&config(
+        "10s",
+        &[upstream("up", &up.url("/"), "timeout: 30s")],
+    ))
+    .await;
+    accept(&gateway, "g-1").await;
+    gateway
+        .wait_metric("actiongate_in_flight{kind=\"delivery\"}", 1.0)
+        .await;
+    let status = gateway.stop_with("-TERM").await;
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        gateway.stored().pending,
+        0,
+        "the attempt finished and was recorded before exit"
+    );
+    assert!(gateway.logs().contains("drained; stopping"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_leaves_an_attempt_that_outlives_the_grace_period_pending() {
+    let hanging = Upstream::start(|_, _| Reply::Hang).await;
+    let mut gateway = Gateway::start(&config(
+        "300ms",
+        &[upstream("up", &hanging.url("/"), "timeout: 60s")],
+    ))
+    .await;
+    accept(&gateway, "g-2").await;
+    gateway
+        .wait_metric("actiongate_in_flight{kind=\"delivery\"}", 1.0)
+        .await;
+    let status = gateway.stop_with("-INT").await;
+    assert!(status.success(), "{status}");
+    assert!(gateway
+        .logs()
+        .contains("grace period over with 0 requests and 1 delivery attempts in flight"));
+    let stored = gateway.stored();
+    assert_eq!(
+        (stored.events, stored.pending),
+        (1, 1),
+        "left for the next start"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_10000_deliveries_drains_from_disk_with_bounded_memory() {
+    const N: usize = 10_000;
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let retry = "retry: {attempts: 100, backoff: 1s, max_backoff: 1s}";
+    let gateway = Gateway::start(&config(
+        "1s",
+        &[upstream("up", &format!("http://{addr}/"), retry)],
+    ))
+    .await;
+    let bodies = (0..N).map(|i| event_with_id(&format!("bl-{i}"))).collect();
+    let statuses = client::post_many(gateway.addr, "/act", bodies, 32).await;
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), N);
+    assert_eq!(
+        gateway
+            .metric("actiongate_pending_deliveries{upstream=\"up\"}")
+            .await,
+        N as f64
+    );
+    let up = Upstream::start_on(addr, |_, _| Reply::Status(200)).await;
+    let started = Instant::now();
+    gateway
+        .wait_metric_at_least(
+            &series("actiongate_deliveries_total", "up", "delivered"),
+            N as f64,
+            Duration::from_secs(120),
+        )
+        .await;
+    let drain = started.elapsed();
+    assert_eq!(up.idempotency_keys().len(), N);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!(
+        "backlog: {N} deliveries drained in {drain:?} ({:.0}/s after the first retry wait), peak RSS {} MiB",
+        N as f64 / drain.as_secs_f64(),
+        peak_kib / 1024
+    );
+    assert!(
+        peak_kib < 200 * 1024,
+        "peak RSS {peak_kib} KiB: the backlog must live on disk"
+    );
+}
