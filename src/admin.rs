@@ -2,6 +2,8 @@
 //!
 //! Bound to loopback by default: it can replay and delete deliveries.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -17,11 +19,60 @@ use crate::spool::{DeliveryRecord, Spool};
 
 /// Most dead letters listed by one `GET /dead-letters` unless `?limit=` says otherwise.
 const DEFAULT_LIST_LIMIT: usize = 1_000;
+/// How long a readiness probe waits for a listener to accept.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 pub struct Admin {
-    pub spool: Spool,
-    pub metrics: Arc<Metrics>,
-    pub lifecycle: Arc<Lifecycle>,
+    spool: Spool,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
+    listeners: Vec<SocketAddr>,
+    /// Set once every listener has been seen accepting connections.
+    listening: AtomicBool,
+}
+
+impl Admin {
+    /// The admin API over `spool`; `/readyz` also waits until `listeners` accept connections.
+    pub fn new(
+        spool: Spool,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
+        listeners: Vec<SocketAddr>,
+    ) -> Admin {
+        Admin {
+            spool,
+            metrics,
+            lifecycle,
+            listeners,
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the main listeners accept connections. Pingora reports a listening service as
+    /// started before it has bound its sockets, so readiness is checked by connecting, once.
+    async fn listeners_up(&self) -> bool {
+        if self.listening.load(Ordering::Acquire) {
+            return true;
+        }
+        for addr in &self.listeners {
+            let target = match addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => {
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+                }
+                IpAddr::V6(ip) if ip.is_unspecified() => {
+                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+                }
+                _ => *addr,
+            };
+            let connected =
+                tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(target)).await;
+            if !matches!(connected, Ok(Ok(_))) {
+                return false;
+            }
+        }
+        self.listening.store(true, Ordering::Release);
+        true
+    }
 }
 
 #[async_trait]
@@ -51,6 +102,11 @@ impl ServeHttp for Admin {
                     json_reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         json!({"status": "draining"}),
+                    )
+                } else if !self.listeners_up().await {
+                    json_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "starting"}),
                     )
                 } else {
                     json_reply(StatusCode::OK, json!({"status": "ready"}))

@@ -94,11 +94,12 @@ impl ActionGate {
         server.add_service(background_service("actiongate dispatcher", dispatcher));
         let mut admin = Service::new(
             "actiongate admin".to_string(),
-            admin::Admin {
-                spool: self.spool.clone(),
-                metrics: self.metrics.clone(),
-                lifecycle: self.lifecycle.clone(),
-            },
+            admin::Admin::new(
+                self.spool.clone(),
+                self.metrics.clone(),
+                self.lifecycle.clone(),
+                self.config.listen.iter().map(|l| l.addr).collect(),
+            ),
         );
         admin.add_tcp(&self.config.admin.to_string());
         admin.threads = Some(1);

@@ -130,7 +130,7 @@ fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Pa
         Ok(valid) => valid.event_id.into_owned(),
         Err(e) => {
             eprintln!(
-                "{}: the gateway would refuse this payload: {e:?}",
+                "{}: the gateway would refuse this payload: {e}",
                 payload_path.display()
             );
             return ExitCode::from(1);
@@ -149,9 +149,10 @@ fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Pa
             return ExitCode::SUCCESS;
         }
     }
-    let headers = request::headers(upstream, &action.name, &event_id, 1);
+    let headers = request::headers(upstream, &action.name, &event_id, 1, Some(&value));
     let body = request::body(upstream, &raw, Some(&value));
-    println!("{} {}", upstream.method, upstream.url);
+    let url = request::url(upstream, Some(&value));
+    println!("{} {url}", upstream.method);
     for (name, value) in &headers {
         println!("{}: {}", name, String::from_utf8_lossy(value.as_bytes()));
     }

@@ -641,3 +641,47 @@ async fn a_backlog_of_10000_deliveries_drains_from_disk_with_bounded_memory() {
         "peak RSS {peak_kib} KiB: the backlog must live on disk"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_rules_route_and_templates_reshape_each_upstream() {
+    let status = Upstream::ok().await;
+    let db = Upstream::ok().await;
+    let status_page = format!(
+        "{{name: status, url: \"{}/incidents?component={{{{incident.labels.service}}}}&n={{{{incident.num}}}}\", \
+         headers: {{X-Incident: \"{{{{incident.num}}}}\"}}, \
+         when: {{incident.labels.service: [checkout, cart], incident.title: {{matches: \"^sh-prod\"}}}}, \
+         body: '{{\"level\": \"{{{{incident.incident_severity}}}}\", \"labels\": \"{{{{incident.labels}}}}\", \"who\": \"{{{{person.email}}}} / {{{{incident.responders.1.email}}}}\"}}', \
+         value_mapping: {{incident.incident_severity: {{Critical: major_outage}}}}}}",
+        status.url("")
+    );
+    let db_only = format!(
+        "{{name: db, url: \"{}/\", when: {{incident.labels.service: db}}}}",
+        db.url("")
+    );
+    let gateway = Gateway::start(&config("1s", &[status_page, db_only])).await;
+    accept(&gateway, "route-1").await;
+    let got = status.wait_for(1, WAIT).await;
+    assert_eq!(got[0].path, "/incidents?component=checkout&n=AB77C1");
+    assert_eq!(got[0].header("x-incident"), Some("AB77C1"));
+    assert_eq!(
+        got[0].json(),
+        serde_json::json!({
+            "level": "major_outage",
+            "labels": {"cluster": "sh-prod", "resource": "web-03", "service": "checkout", "check": "memory", "region": "cn-east-2"},
+            "who": "li.wei@example.com / ana.souza@example.com"
+        })
+    );
+    gateway
+        .wait_metric(&series("actiongate_deliveries_total", "db", "skipped"), 1.0)
+        .await;
+    assert_eq!(
+        gateway
+            .metric("actiongate_pending_deliveries{upstream=\"db\"}")
+            .await,
+        0.0
+    );
+    assert!(
+        db.received().is_empty(),
+        "a skipped upstream receives nothing"
+    );
+}

@@ -19,7 +19,7 @@ use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
 use crate::delivery::retry::RetryPolicy;
-use crate::delivery::template::{Template, ValueMapping};
+use crate::delivery::template::{Template, TextTemplate, ValueMapping};
 use crate::delivery::when::When;
 use crate::ingress::allowlist::IpSet;
 use raw::{RawAction, RawConfig, RawUpstream};
@@ -131,9 +131,13 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
+    /// The URL; when `query` is set, its query string is rendered per event.
     pub url: url::Url,
+    /// A query string with placeholders (`?host={{incident.labels.resource}}`); substituted
+    /// values are URL-encoded.
+    pub query: Option<TextTemplate>,
     pub method: Method,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: Vec<(HeaderName, HeaderSource)>,
     /// Per-attempt timeout, connect included.
     pub timeout: Duration,
     pub retry: RetryPolicy,
@@ -147,6 +151,13 @@ pub struct Upstream {
     pub tls_verify: bool,
     /// Extra CA certificates (PEM) to trust for this upstream.
     pub ca_file: Option<PathBuf>,
+}
+
+/// A configured header value: fixed, or a template rendered per event.
+#[derive(Debug, Clone)]
+pub enum HeaderSource {
+    Static(HeaderValue),
+    Template(TextTemplate),
 }
 
 /// Every problem found in a configuration, one per line, each starting with its key path.
@@ -490,7 +501,10 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
             format!("{:?} may use only a-z, 0-9, - and _", u.name),
         );
     }
-    let url = check.ok(format!("{at}.url"), parse_upstream_url(&u.url));
+    let (url, query) = match check.ok(format!("{at}.url"), parse_templated_url(&u.url)) {
+        Some((url, query)) => (Some(url), query),
+        None => (None, None),
+    };
     let method = match u.method.as_deref() {
         None => Some(Method::POST),
         Some(m) => check.ok(
@@ -507,15 +521,25 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| "not a valid header name".to_string()),
         );
-        let value = check.ok(
-            &hat,
-            HeaderValue::from_str(value)
-                .map_err(|_| "not a valid header value (control characters?)".to_string()),
-        );
-        if let (Some(name), Some(mut value)) = (name, value) {
-            // Configured headers often carry credentials: keep them out of debug output.
-            value.set_sensitive(true);
-            headers.push((name, value));
+        let source = if value.contains("{{") {
+            check
+                .ok(&hat, TextTemplate::parse_text(value))
+                .map(HeaderSource::Template)
+        } else {
+            check
+                .ok(
+                    &hat,
+                    HeaderValue::from_str(value)
+                        .map_err(|_| "not a valid header value (control characters?)".to_string()),
+                )
+                .map(|mut value| {
+                    // Configured headers often carry credentials: keep them out of debug output.
+                    value.set_sensitive(true);
+                    HeaderSource::Static(value)
+                })
+        };
+        if let (Some(name), Some(source)) = (name, source) {
+            headers.push((name, source));
         }
     }
     let timeout = check.duration(
@@ -576,6 +600,7 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
     Some(Upstream {
         name: u.name.clone(),
         url: url?,
+        query,
         method: method?,
         headers,
         timeout,
@@ -636,6 +661,20 @@ fn parse_upstream_url(text: &str) -> Result<url::Url, String> {
         return Err("URL has no host".into());
     }
     Ok(url)
+}
+
+/// Parses an upstream URL whose query string may hold `{{placeholders}}`.
+fn parse_templated_url(text: &str) -> Result<(url::Url, Option<TextTemplate>), String> {
+    if !text.contains("{{") {
+        return parse_upstream_url(text).map(|url| (url, None));
+    }
+    let (base, query) = text
+        .split_once('?')
+        .filter(|(base, _)| !base.contains("{{"))
+        .ok_or("placeholders are allowed only in the query string")?;
+    let template = TextTemplate::parse_text(query)?;
+    let url = parse_upstream_url(base)?;
+    Ok((url, Some(template)))
 }
 
 fn parse_fallback(text: &str) -> Result<Fallback, String> {

@@ -91,7 +91,10 @@ actions:
     assert_eq!(a.secret.as_ref().unwrap().value, b"s3cr3t");
     assert!(a.allow.contains("10.20.1.1".parse().unwrap()));
     assert!(a.allow.contains("192.0.2.7".parse().unwrap()));
-    assert_eq!(a.upstreams[0].headers[0].1, "Bearer tok");
+    let HeaderSource::Static(auth) = &a.upstreams[0].headers[0].1 else {
+        panic!("a header without placeholders is static")
+    };
+    assert_eq!(auth, "Bearer tok");
     assert_eq!(a.upstreams[0].retry.max_backoff, Duration::from_secs(300));
 }
 

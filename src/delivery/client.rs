@@ -53,11 +53,12 @@ pub fn needs_own_client(upstream: &Upstream) -> bool {
 pub async fn attempt(
     client: &reqwest::Client,
     upstream: &Upstream,
+    url: url::Url,
     headers: HeaderMap,
     body: Bytes,
 ) -> (AttemptOutcome, String) {
     let sent = client
-        .request(upstream.method.clone(), upstream.url.clone())
+        .request(upstream.method.clone(), url)
         .timeout(upstream.timeout)
         .headers(headers)
         .body(body)

@@ -294,10 +294,17 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
     }
 
     let attempt = record.attempts + 1;
-    let headers = request::headers(upstream, &lane.action, &record.event_id, attempt);
+    let headers = request::headers(
+        upstream,
+        &lane.action,
+        &record.event_id,
+        attempt,
+        payload.as_ref(),
+    );
     let body = request::body(upstream, &raw, payload.as_ref());
+    let url = request::url(upstream, payload.as_ref());
     let started = Instant::now();
-    let (outcome, description) = client::attempt(&lane.client, upstream, headers, body).await;
+    let (outcome, description) = client::attempt(&lane.client, upstream, url, headers, body).await;
     let took = started.elapsed();
     lane.metrics.attempt_duration.observe(took.as_secs_f64());
 

@@ -5,11 +5,36 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
-use crate::config::Upstream;
+use crate::config::{HeaderSource, Upstream};
 
-/// Whether the upstream needs the payload parsed (for `when` or a template).
+/// Whether the upstream needs the payload parsed (for `when` or any template).
 pub fn needs_payload(upstream: &Upstream) -> bool {
-    upstream.when.is_some() || upstream.body.is_some()
+    upstream.when.is_some()
+        || upstream.body.is_some()
+        || upstream.query.is_some()
+        || upstream
+            .headers
+            .iter()
+            .any(|(_, h)| matches!(h, HeaderSource::Template(_)))
+}
+
+/// The request URL, with its query string rendered when it is a template.
+pub fn url(upstream: &Upstream, payload: Option<&Value>) -> url::Url {
+    let (Some(query), Some(payload)) = (&upstream.query, payload) else {
+        return upstream.url.clone();
+    };
+    let mut rendered = String::new();
+    query.render_encoded(
+        payload,
+        &upstream.value_mapping,
+        &mut rendered,
+        |value, out| {
+            out.extend(url::form_urlencoded::byte_serialize(value.as_bytes()));
+        },
+    );
+    let mut url = upstream.url.clone();
+    url.set_query(Some(&rendered));
+    url
 }
 
 /// The request body: the rendered template, or the payload exactly as received.
@@ -22,11 +47,25 @@ pub fn body(upstream: &Upstream, raw: &Bytes, payload: Option<&Value>) -> Bytes 
     }
 }
 
-/// The request headers: the configured ones, then the contract's own (which win).
-pub fn headers(upstream: &Upstream, action: &str, event_id: &str, attempt: u32) -> HeaderMap {
+/// The request headers: the configured ones (rendered when templates), then the contract's
+/// own, which win.
+pub fn headers(
+    upstream: &Upstream,
+    action: &str,
+    event_id: &str,
+    attempt: u32,
+    payload: Option<&Value>,
+) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(upstream.headers.len() + 5);
-    for (name, value) in &upstream.headers {
-        headers.append(name.clone(), value.clone());
+    for (name, source) in &upstream.headers {
+        let value = match (source, payload) {
+            (HeaderSource::Static(value), _) => value.clone(),
+            (HeaderSource::Template(template), Some(payload)) => {
+                header_value(&template.render_to_string(payload, &upstream.value_mapping))
+            }
+            (HeaderSource::Template(_), None) => continue,
+        };
+        headers.append(name.clone(), value);
     }
     let mut set = |name: &'static str, value: String| {
         // Event ids are validated JSON strings but may hold bytes a header cannot carry;
@@ -44,6 +83,15 @@ pub fn headers(upstream: &Upstream, action: &str, event_id: &str, attempt: u32) 
     headers
 }
 
+/// A header value from rendered text. Incident text may hold bytes a header cannot carry
+/// (control characters, non-ASCII): those are percent-encoded rather than dropped, so the
+/// request still goes out and the value is recoverable.
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text)
+        .or_else(|_| HeaderValue::from_str(&percent_encode(text)))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 fn percent_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len() * 3);
     for b in text.bytes() {
@@ -54,4 +102,73 @@ fn percent_encode(text: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use serde_json::json;
+
+    fn upstream(extra: &str) -> Upstream {
+        let yaml = format!(
+            "listen: [{{addr: \"127.0.0.1:1\"}}]\nactions:\n  - name: a\n    path: /a\n    upstreams:\n      - {{name: u, {extra}}}\n"
+        );
+        let config = Config::from_yaml(&yaml, &|_| None).unwrap_or_else(|e| panic!("{e}"));
+        config.actions[0].upstreams[0].clone()
+    }
+
+    fn payload() -> Value {
+        json!({"incident": {"num": "AB77C1", "title": "disk full & slow\r\nx", "labels": {"resource": "web 03/a"}}})
+    }
+
+    #[test]
+    fn contract_headers_are_always_set_and_win() {
+        let u = upstream("url: \"http://x/\", headers: {Idempotency-Key: mine, X-Team: sre}");
+        let h = headers(&u, "a", "e1", 3, None);
+        assert_eq!(h["idempotency-key"], "e1:u");
+        assert_eq!(h["x-actiongate-event-id"], "e1");
+        assert_eq!(h["x-actiongate-action"], "a");
+        assert_eq!(h["x-actiongate-attempt"], "3");
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["x-team"], "sre");
+    }
+
+    #[test]
+    fn header_templates_render_and_unsafe_bytes_are_encoded() {
+        let u = upstream("url: \"http://x/\", headers: {X-Incident: \"{{incident.num}}\", X-Title: \"t={{incident.title}}\"}");
+        assert!(needs_payload(&u));
+        let h = headers(&u, "a", "e1", 1, Some(&payload()));
+        assert_eq!(h["x-incident"], "AB77C1");
+        assert_eq!(h["x-title"], "t=disk%20full%20&%20slow%0D%0Ax");
+    }
+
+    #[test]
+    fn query_templates_url_encode_substituted_values_only() {
+        let u = upstream("url: \"http://x:8/restart?host={{incident.labels.resource}}&src=fd&n={{incident.num}}\"");
+        assert!(needs_payload(&u));
+        assert_eq!(
+            url(&u, Some(&payload())).as_str(),
+            "http://x:8/restart?host=web+03%2Fa&src=fd&n=AB77C1"
+        );
+        assert_eq!(url(&u, None).as_str(), "http://x:8/restart");
+    }
+
+    #[test]
+    fn placeholders_outside_the_query_are_refused() {
+        let yaml = "listen: [{addr: \"127.0.0.1:1\"}]\nactions:\n  - name: a\n    path: /a\n    upstreams: [{name: u, url: \"http://{{incident.num}}/x\"}]\n";
+        let err = Config::from_yaml(yaml, &|_| None).unwrap_err();
+        assert_eq!(
+            err.0,
+            vec!["actions[0].upstreams[0].url: placeholders are allowed only in the query string"]
+        );
+    }
+
+    #[test]
+    fn body_is_raw_without_a_template() {
+        let u = upstream("url: \"http://x/\"");
+        assert!(!needs_payload(&u));
+        let raw = Bytes::from_static(b"{ \"raw\" : 1 }");
+        assert_eq!(body(&u, &raw, None), raw);
+    }
 }

@@ -183,12 +183,40 @@ impl TextTemplate {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
+    /// Parses text with placeholders for a header value or a query string.
+    pub fn parse_text(text: &str) -> Result<TextTemplate, String> {
+        TextTemplate::parse(text).map_err(|(snippet, why)| {
+            let column = text
+                .find(&snippet)
+                .map_or(0, |at| text[..at].chars().count())
+                + 1;
+            format!("column {column}: {why}")
+        })
+    }
+
     /// Renders as plain text.
     pub fn render(&self, payload: &Value, mapping: &ValueMapping, out: &mut String) {
+        self.render_encoded(payload, mapping, out, |text, out| out.push_str(text));
+    }
+
+    /// Renders with each substituted value passed through `encode` (literal text is kept as
+    /// written), e.g. to URL-encode values placed in a query string.
+    pub fn render_encoded(
+        &self,
+        payload: &Value,
+        mapping: &ValueMapping,
+        out: &mut String,
+        encode: impl Fn(&str, &mut String),
+    ) {
+        let mut value = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.push_str(text),
-                Part::Var(var) => var.render_text(payload, mapping, out),
+                Part::Var(var) => {
+                    value.clear();
+                    var.render_text(payload, mapping, &mut value);
+                    encode(&value, out);
+                }
             }
         }
     }

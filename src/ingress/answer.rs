@@ -149,7 +149,7 @@ mod tests {
         let ok = Answer::success(Outcome::Duplicate, "abc");
         assert_eq!(
             &ok.body()[..],
-            br#"{"event_id":"abc","status":"duplicate"}"#
+            br#"{"status":"duplicate","event_id":"abc"}"#
         );
         let err = Answer::error(Outcome::InvalidPayload, "incident.title: expected a string");
         let v: serde_json::Value = serde_json::from_slice(&err.body()).unwrap();

@@ -99,8 +99,10 @@ impl Ingress {
         };
         let _in_flight = self.lifecycle.request();
         let answer = self.decide(route, session).await;
-        let result = respond(session, &answer).await;
+        // Counted before answering, so that a client which has its answer also finds it in
+        // the metrics; the ack time below runs to the last byte of the response.
         route.metrics.request(answer.outcome);
+        let result = respond(session, &answer).await;
         if answer.outcome.status() == 200 {
             route.metrics.ack(started.elapsed());
         }

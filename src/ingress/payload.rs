@@ -54,6 +54,17 @@ pub enum PayloadError {
     Invalid(String),
 }
 
+impl fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PayloadError::NotJson(why) => write!(f, "not JSON: {why}"),
+            PayloadError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for PayloadError {}
+
 /// Validates `body`; see the module documentation for the rules.
 pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, PayloadError> {
     let mut ctx = Ctx {

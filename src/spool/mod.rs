@@ -143,6 +143,15 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Whether commits wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// fsync before any change is reported done: what the gateway always uses.
+    Durable,
+    /// No fsync. Only for measuring what durability costs: a crash can lose acknowledged events.
+    Unsafe,
+}
+
 impl Spool {
     /// Opens (or creates) the store in directory `dir`, and sets the pending and dead-letter
     /// gauges from what it holds.
@@ -150,6 +159,16 @@ impl Spool {
         dir: &Path,
         dedup_window: Duration,
         metrics: Arc<Metrics>,
+    ) -> Result<Spool, SpoolError> {
+        Spool::open_with(dir, dedup_window, metrics, Commit::Durable)
+    }
+
+    /// [`Spool::open`] with a choice of commit mode (benchmarks compare the two).
+    pub fn open_with(
+        dir: &Path,
+        dedup_window: Duration,
+        metrics: Arc<Metrics>,
+        commit: Commit,
     ) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| SpoolError::Storage(format!("cannot create {}: {e}", dir.display())))?;
@@ -176,6 +195,7 @@ impl Spool {
                     next_id,
                     dedup_window,
                     metrics.clone(),
+                    commit,
                 ))),
                 writer_thread: Mutex::new(None),
                 work: Arc::new(Notify::new()),

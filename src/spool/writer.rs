@@ -14,8 +14,8 @@ use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    decode, encode, now_ms, Appended, DeliveryRecord, Finish, NewEvent, SpoolError, DEAD, DEDUP,
-    DEDUP_EXPIRY, DELIVERIES, DUE, EVENTS, REMAINING,
+    decode, encode, now_ms, Appended, Commit, DeliveryRecord, Finish, NewEvent, SpoolError, DEAD,
+    DEDUP, DEDUP_EXPIRY, DELIVERIES, DUE, EVENTS, REMAINING,
 };
 use crate::metrics::Metrics;
 
@@ -65,6 +65,7 @@ pub struct Writer {
     next_id: u64,
     dedup_window_ms: u64,
     metrics: Arc<Metrics>,
+    commit: Commit,
     last_purge: Option<Instant>,
 }
 
@@ -99,12 +100,14 @@ impl Writer {
         next_id: u64,
         dedup_window: Duration,
         metrics: Arc<Metrics>,
+        commit: Commit,
     ) -> Writer {
         Writer {
             db,
             next_id,
             dedup_window_ms: u64::try_from(dedup_window.as_millis()).unwrap_or(u64::MAX),
             metrics,
+            commit,
             last_purge: None,
         }
     }
@@ -161,7 +164,10 @@ impl Writer {
         deltas: &mut GaugeDeltas,
     ) -> Result<(), SpoolError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate);
+        txn.set_durability(match self.commit {
+            Commit::Durable => Durability::Immediate,
+            Commit::Unsafe => Durability::None,
+        });
         let now = now_ms();
         let mut failed = None;
         for op in batch {

@@ -170,3 +170,156 @@ fn text_templates_render_plain_text() {
         "incident AB77C1 ({{incident.nope}})"
     );
 }
+
+/// Property test: any payload × any template gives valid JSON, or the template is refused at
+/// parse time with a clean error; nothing panics. Deterministic (fixed seeds) so a failure
+/// reproduces; 20,000 cases run in well under a second.
+mod property {
+    use super::*;
+
+    const HOSTILE: &[&str] = &[
+        "",
+        "\"",
+        "\\",
+        "\\\"",
+        "}}",
+        "{{",
+        "{{x}}",
+        "\u{0}",
+        "\u{1f}",
+        "\n\r\t",
+        "é",
+        "😀",
+        "\u{2028}",
+        "</script>",
+        "null",
+        "0",
+        "-1e309",
+        "incident",
+        ".",
+        "..",
+        "0.0",
+    ];
+    const KEYS: &[&str] = &[
+        "incident", "labels", "title", "0", "1", "a", "b b", "x.y", "",
+    ];
+
+    fn random_string(rng: &mut fastrand::Rng) -> String {
+        (0..rng.usize(0..4))
+            .map(|_| HOSTILE[rng.usize(..HOSTILE.len())])
+            .collect()
+    }
+
+    fn random_value(rng: &mut fastrand::Rng, depth: usize) -> Value {
+        match rng.usize(0..if depth > 3 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.bool()),
+            2 => json!(rng.i64(..)),
+            3 => json!(rng.f64() * 1e6 - 5e5),
+            4 => Value::String(random_string(rng)),
+            5 => Value::Array(
+                (0..rng.usize(0..4))
+                    .map(|_| random_value(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.usize(0..4))
+                    .map(|_| {
+                        (
+                            KEYS[rng.usize(..KEYS.len())].to_string(),
+                            random_value(rng, depth + 1),
+                        )
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn random_path(rng: &mut fastrand::Rng) -> String {
+        (0..rng.usize(1..4))
+            .map(|_| KEYS[rng.usize(..KEYS.len() - 1)])
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// A template string: text and placeholders, some malformed on purpose.
+    fn random_template_string(rng: &mut fastrand::Rng) -> String {
+        let mut s = String::new();
+        for _ in 0..rng.usize(0..4) {
+            match rng.usize(0..5) {
+                0 => s.push_str(&random_string(rng)),
+                1 | 2 => s.push_str(&format!("{{{{{}}}}}", random_path(rng))),
+                3 => s.push_str(&format!("{{{{ {} }}}}", random_path(rng))),
+                _ => s.push_str("plain "),
+            }
+        }
+        s
+    }
+
+    fn random_template(rng: &mut fastrand::Rng, depth: usize) -> Value {
+        match rng.usize(0..if depth > 2 { 3 } else { 5 }) {
+            0 | 1 => Value::String(random_template_string(rng)),
+            2 => random_value(rng, 3),
+            3 => Value::Array(
+                (0..rng.usize(0..3))
+                    .map(|_| random_template(rng, depth + 1))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..rng.usize(0..3))
+                    .map(|_| (random_template_string(rng), random_template(rng, depth + 1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn any_payload_and_template_render_valid_json() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed_a110);
+        let mapping = ValueMapping::new(
+            [(
+                "incident.title".to_string(),
+                [("\"".to_string(), "}}\n".to_string())]
+                    .into_iter()
+                    .collect(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let mut rendered = 0;
+        for _ in 0..20_000 {
+            let payload = random_value(&mut rng, 0);
+            let text = random_template(&mut rng, 0).to_string();
+            let Ok(template) = Template::parse_json(&text) else {
+                continue;
+            };
+            let out = template.render_to_vec(&payload, &mapping);
+            if let Err(e) = serde_json::from_slice::<Value>(&out) {
+                panic!(
+                    "invalid JSON ({e}) from template {text} and payload {payload}: {}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            rendered += 1;
+        }
+        assert!(
+            rendered > 10_000,
+            "most random templates are valid: {rendered}"
+        );
+    }
+
+    #[test]
+    fn arbitrary_template_text_never_panics() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        const PIECES: &[&str] = &[
+            "{", "}", "{{", "}}", "\"", ":", ",", "[", "]", "a", ".", "1", " ", "\\", "null",
+        ];
+        for _ in 0..20_000 {
+            let text: String = (0..rng.usize(0..24))
+                .map(|_| PIECES[rng.usize(..PIECES.len())])
+                .collect();
+            let _ = Template::parse_json(&text);
+            let _ = TextTemplate::parse_text(&text);
+        }
+    }
+}
