@@ -471,6 +471,15 @@ fn validate_action(
             "at least one upstream is required",
         );
     }
+    if a.upstreams.len() > crate::spool::MAX_UPSTREAMS {
+        check.fail(
+            format!("{at}.upstreams"),
+            format!(
+                "at most {} upstreams per action",
+                crate::spool::MAX_UPSTREAMS
+            ),
+        );
+    }
     let mut upstream_names = HashSet::new();
     let mut upstreams = Vec::new();
     for (j, u) in a.upstreams.iter().enumerate() {

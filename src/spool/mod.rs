@@ -1,44 +1,39 @@
 //! The durable store: accepted events, due deliveries, dedup keys and dead letters.
 //!
-//! It is one redb file (`spool.path/actiongate.redb`): crash-safe (copy-on-write B-trees with
-//! checksummed commits), embedded, pure Rust. Every change goes through a single writer thread
-//! ([`writer`]) that commits many changes per fsync (group commit), so concurrent requests
-//! share the cost of durability. Reads (the dispatcher, the admin API) use MVCC snapshots and
-//! never wait for the writer.
+//! An append-only log (see [`segment`] for the format) under `spool.path`, with an in-memory
+//! index ([`state`]) rebuilt from it at start-up. Every change goes through one writer thread
+//! ([`writer`]) that writes a batch of records with one `write` and one `fdatasync` (group
+//! commit), so concurrent requests share the cost of durability and an answer is given only
+//! once its event is on disk. Event bodies stay on disk and are read back with `pread` when a
+//! delivery needs them, so a backlog costs memory only for its index entries.
 //!
-//! Tables:
-//! - `events`: event seq → raw payload bytes, removed once no delivery needs them;
-//! - `remaining`: event seq → deliveries still referring to it (pending or dead);
-//! - `deliveries`: delivery id → [`DeliveryRecord`] (pending ones);
-//! - `due`: (lane, due ms, delivery id) → (), the dispatcher's per-upstream queues;
-//! - `dedup`: "action\x1fevent_id" → expiry ms, with `dedup_expiry` to purge in order;
-//! - `dead`: delivery id → [`DeliveryRecord`] with `dead_ms` set.
+//! Why not an embedded B-tree store (redb, the design's first candidate): it was tried, and
+//! measured at 33-89 us per accepted event (copy-on-write pages across six tables), which
+//! capped the gateway near 5,000 events/s on this machine; the log costs a few microseconds.
+//! See BENCHMARKS.md.
 
 mod record;
+mod segment;
+mod state;
 mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
 pub use record::{lane_key, DeliveryRecord, Finish};
-use writer::Op;
-
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-const REMAINING: TableDefinition<u64, u32> = TableDefinition::new("remaining");
-const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
-const DUE: TableDefinition<(&str, u64, u64), ()> = TableDefinition::new("due");
-const DEDUP: TableDefinition<&str, u64> = TableDefinition::new("dedup");
-const DEDUP_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("dedup_expiry");
-const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
+pub use state::MAX_UPSTREAMS;
+use state::{Deltas, State};
+use writer::{Files, Op, Writer};
 
 /// Queued changes beyond which new events are refused with 503 rather than waiting.
 const QUEUE_DEPTH: usize = 16_384;
@@ -48,9 +43,10 @@ const QUEUE_DEPTH: usize = 16_384;
 pub enum SpoolError {
     /// Too many changes queued: the disk is not keeping up.
     Busy,
-    /// The writer has stopped (shutdown, or a fatal storage error).
+    /// The writer has stopped (shutdown).
     Closed,
-    /// The store reported an error (disk full, I/O error, corruption).
+    /// The disk refused a write or an fsync, or the log is damaged. After a failed write the
+    /// spool refuses every further change: what is on disk is then only known after a restart.
     Storage(String),
 }
 
@@ -65,27 +61,6 @@ impl fmt::Display for SpoolError {
 }
 
 impl std::error::Error for SpoolError {}
-
-impl From<redb::Error> for SpoolError {
-    fn from(e: redb::Error) -> Self {
-        SpoolError::Storage(e.to_string())
-    }
-}
-
-macro_rules! storage_errors {
-    ($($t:ty),*) => {$(
-        impl From<$t> for SpoolError {
-            fn from(e: $t) -> Self { SpoolError::Storage(e.to_string()) }
-        }
-    )*};
-}
-storage_errors!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 /// An event to store: who it is for and its raw bytes.
 #[derive(Debug, Clone)]
@@ -106,6 +81,24 @@ pub enum Appended {
     Duplicate,
 }
 
+/// Whether commits wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// fsync before any change is reported done: what the gateway always uses.
+    Durable,
+    /// No fsync. Only for measuring what durability costs: a crash can lose acknowledged events.
+    Unsafe,
+}
+
+/// Table sizes, for tests and the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpoolCounts {
+    pub events: u64,
+    pub pending: u64,
+    pub dedup_keys: u64,
+    pub dead: u64,
+}
+
 /// A handle on the store; cheap to clone.
 #[derive(Clone)]
 pub struct Spool {
@@ -113,19 +106,60 @@ pub struct Spool {
 }
 
 struct Shared {
-    db: Arc<Database>,
+    inner: Arc<Inner>,
     /// Started lazily: a daemonizing server forks after the spool is opened, and threads do not
     /// survive a fork.
     sender: Mutex<Option<SyncSender<Op>>>,
-    writer_state: Mutex<Option<writer::Writer>>,
+    writer_state: Mutex<Option<Writer>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Woken after a commit that made new deliveries due.
     work: Arc<Notify>,
+    /// Held for the spool's lifetime: one process per spool directory.
+    _lock: File,
+}
+
+/// What the writer and the readers share.
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    files: Mutex<Files>,
+    failure: Mutex<Option<SpoolError>>,
+}
+
+impl Inner {
+    fn lock_state(&self) -> Result<MutexGuard<'_, State>, SpoolError> {
+        self.state
+            .lock()
+            .map_err(|_| SpoolError::Storage("spool index poisoned".into()))
+    }
+
+    fn fail(&self, e: &SpoolError) {
+        if let Ok(mut failure) = self.failure.lock() {
+            failure.get_or_insert_with(|| e.clone());
+        }
+    }
+
+    fn failure(&self) -> Option<SpoolError> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    fn add_segment(&self, number: u64, read: File) -> Result<(), SpoolError> {
+        self.files
+            .lock()
+            .map_err(|_| SpoolError::Closed)?
+            .insert(number, Arc::new(read));
+        Ok(())
+    }
+
+    fn remove_segment(&self, number: u64) {
+        if let Ok(mut files) = self.files.lock() {
+            files.remove(&number);
+        }
+    }
 }
 
 impl Drop for Shared {
-    /// Closes the queue and waits for the writer to finish its last batch, so that the file
-    /// lock is released when the last handle goes (a reopen in the same process then works).
+    /// Closes the queue and waits for the writer to finish its last batch, so that the lock
+    /// is released when the last handle goes (a reopen in the same process then works).
     fn drop(&mut self) {
         if let Ok(sender) = self.sender.get_mut() {
             sender.take();
@@ -143,18 +177,24 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Whether commits wait for the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Commit {
-    /// fsync before any change is reported done: what the gateway always uses.
-    Durable,
-    /// No fsync. Only for measuring what durability costs: a crash can lose acknowledged events.
-    Unsafe,
+fn storage(what: impl fmt::Display, e: impl fmt::Display) -> SpoolError {
+    SpoolError::Storage(format!("{what}: {e}"))
+}
+
+/// Creates segment `number` (append handle, read handle) and makes its name durable.
+fn create_segment(dir: &Path, number: u64) -> Result<(File, File), SpoolError> {
+    let path = segment::segment_path(dir, number);
+    let append = writer::open_for_append(&path)?;
+    let read = File::open(&path).map_err(|e| storage(path.display(), e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| storage(dir.display(), e))?;
+    Ok((append, read))
 }
 
 impl Spool {
-    /// Opens (or creates) the store in directory `dir`, and sets the pending and dead-letter
-    /// gauges from what it holds.
+    /// Opens (or creates) the store in directory `dir`, replaying its log, and sets the
+    /// pending and dead-letter gauges from what it holds.
     pub fn open(
         dir: &Path,
         dedup_window: Duration,
@@ -170,44 +210,139 @@ impl Spool {
         metrics: Arc<Metrics>,
         commit: Commit,
     ) -> Result<Spool, SpoolError> {
+        Spool::open_sized(dir, dedup_window, metrics, commit, writer::SEGMENT_BYTES)
+    }
+
+    fn open_sized(
+        dir: &Path,
+        dedup_window: Duration,
+        metrics: Arc<Metrics>,
+        commit: Commit,
+        segment_bytes: u64,
+    ) -> Result<Spool, SpoolError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| SpoolError::Storage(format!("cannot create {}: {e}", dir.display())))?;
-        let path = dir.join("actiongate.redb");
-        let db = Database::create(&path)
-            .map_err(|e| SpoolError::Storage(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write()?;
-        txn.open_table(EVENTS)?;
-        txn.open_table(REMAINING)?;
-        txn.open_table(DELIVERIES)?;
-        txn.open_table(DUE)?;
-        txn.open_table(DEDUP)?;
-        txn.open_table(DEDUP_EXPIRY)?;
-        txn.open_table(DEAD)?;
-        txn.commit()?;
-        let db = Arc::new(db);
-        let next_id = writer::next_id(&db)?;
-        let spool = Spool {
+            .map_err(|e| storage(format!("cannot create {}", dir.display()), e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| storage(lock_path.display(), e))?;
+        lock.try_lock().map_err(|_| {
+            SpoolError::Storage(format!(
+                "{} is in use by another actiongate process",
+                dir.display()
+            ))
+        })?;
+
+        let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(|e| storage(dir.display(), e))?
+            .filter_map(|entry| {
+                entry
+                    .ok()?
+                    .file_name()
+                    .to_str()
+                    .and_then(segment::segment_number)
+            })
+            .collect();
+        numbers.sort_unstable();
+        let mut state = State::default();
+        let mut files = Files::new();
+        let mut ignored = Deltas::default();
+        let started = Instant::now();
+        for (i, &number) in numbers.iter().enumerate() {
+            let path = segment::segment_path(dir, number);
+            let data = std::fs::read(&path).map_err(|e| storage(path.display(), e))?;
+            state.segments.entry(number).or_default();
+            let replayed = segment::read_segment(&data, |offset, record| {
+                state.apply(number, offset as u64, record, &mut ignored);
+            });
+            if let Err(torn) = replayed {
+                if i + 1 < numbers.len() {
+                    return Err(SpoolError::Storage(format!(
+                        "{} is damaged ({}); move it aside to start without it",
+                        path.display(),
+                        torn.why
+                    )));
+                }
+                // The tail of the last segment: a batch the crash cut short. Nothing in it was
+                // acknowledged, so it is dropped.
+                log::warn!(
+                    "spool: {} ends in a partial write ({}); truncating",
+                    path.display(),
+                    torn.why
+                );
+                let file = File::options()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| storage(path.display(), e))?;
+                file.set_len(torn.valid_len as u64)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| storage(path.display(), e))?;
+            }
+            files.insert(
+                number,
+                Arc::new(File::open(&path).map_err(|e| storage(path.display(), e))?),
+            );
+        }
+        let (active, active_number) = match numbers.last() {
+            Some(&last) => (
+                writer::open_for_append(&segment::segment_path(dir, last))?,
+                last,
+            ),
+            None => {
+                let (append, read) = create_segment(dir, 1)?;
+                files.insert(1, Arc::new(read));
+                state.segments.entry(1).or_default();
+                (append, 1)
+            }
+        };
+        let active_size = active
+            .metadata()
+            .map_err(|e| storage(dir.display(), e))?
+            .len();
+        log::info!(
+            "spool: {} opened in {:?}: {} events, {} pending deliveries, {} dead letters",
+            dir.display(),
+            started.elapsed(),
+            state.events.len(),
+            state.deliveries.len(),
+            state.dead.len()
+        );
+        for record in state.deliveries.values() {
+            metrics.pending_deliveries(&record.upstream).inc();
+        }
+        for record in state.dead.values() {
+            metrics.dead_letters(&record.upstream).inc();
+        }
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            files: Mutex::new(files),
+            failure: Mutex::new(None),
+        });
+        let writer = Writer {
+            inner: inner.clone(),
+            dir: PathBuf::from(dir),
+            active,
+            active_number,
+            active_size,
+            dedup_window_ms: u64::try_from(dedup_window.as_millis()).unwrap_or(u64::MAX),
+            metrics,
+            commit,
+            last_maintenance: Instant::now() - Duration::from_secs(3600),
+            segment_bytes,
+        };
+        Ok(Spool {
             shared: Arc::new(Shared {
-                db: db.clone(),
+                inner,
                 sender: Mutex::new(None),
-                writer_state: Mutex::new(Some(writer::Writer::new(
-                    db,
-                    next_id,
-                    dedup_window,
-                    metrics.clone(),
-                    commit,
-                ))),
+                writer_state: Mutex::new(Some(writer)),
                 writer_thread: Mutex::new(None),
                 work: Arc::new(Notify::new()),
+                _lock: lock,
             }),
-        };
-        for (upstream, count) in spool.pending_by_upstream()? {
-            metrics.pending_deliveries(&upstream).set(count as i64);
-        }
-        for (upstream, count) in spool.dead_by_upstream()? {
-            metrics.dead_letters(&upstream).set(count as i64);
-        }
-        Ok(spool)
+        })
     }
 
     fn send(&self, op: Op) -> Result<(), SpoolError> {
@@ -226,7 +361,7 @@ impl Spool {
             let thread = std::thread::Builder::new()
                 .name("spool-writer".into())
                 .spawn(move || state.run(rx, &work))
-                .map_err(|e| SpoolError::Storage(format!("cannot start writer: {e}")))?;
+                .map_err(|e| storage("cannot start the writer", e))?;
             if let Ok(mut slot) = self.shared.writer_thread.lock() {
                 *slot = Some(thread);
             }
@@ -269,10 +404,19 @@ impl Spool {
         self.call(|reply| Op::Purge(id, reply)).await
     }
 
+    /// Why the spool refuses changes, if it does (a failed write or fsync).
+    pub fn failure(&self) -> Option<SpoolError> {
+        self.shared.inner.failure()
+    }
+
     /// Waits until a commit makes new deliveries due. Create the future and `enable` it before
     /// looking for work, so that a commit in between is not missed.
     pub fn work_notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.shared.work.notified()
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, State>, SpoolError> {
+        self.shared.inner.lock_state()
     }
 
     /// Up to `limit` deliveries of `lane` due at `now_ms`, oldest first, except `skip`.
@@ -283,122 +427,85 @@ impl Spool {
         limit: usize,
         skip: &HashSet<u64>,
     ) -> Result<Vec<u64>, SpoolError> {
-        let txn = self.shared.db.begin_read()?;
-        let table = txn.open_table(DUE)?;
-        let mut ids = Vec::new();
-        for entry in table.range((lane, 0, 0)..=(lane, now_ms, u64::MAX))? {
-            if ids.len() >= limit {
-                break;
-            }
-            let (key, _) = entry?;
-            let (_, _, id) = key.value();
-            if !skip.contains(&id) {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
+        let state = self.state()?;
+        let Some(queue) = state.due.get(lane) else {
+            return Ok(Vec::new());
+        };
+        Ok(queue
+            .range(..=(now_ms, u64::MAX))
+            .map(|(_, id)| *id)
+            .filter(|id| !skip.contains(id))
+            .take(limit)
+            .collect())
     }
 
     /// When the earliest delivery of `lane` not in `skip` is due, if there is one.
     pub fn next_due_ms(&self, lane: &str, skip: &HashSet<u64>) -> Result<Option<u64>, SpoolError> {
-        let txn = self.shared.db.begin_read()?;
-        let table = txn.open_table(DUE)?;
-        for entry in table.range((lane, 0, 0)..=(lane, u64::MAX, u64::MAX))? {
-            let (key, _) = entry?;
-            let (_, due, id) = key.value();
-            if !skip.contains(&id) {
-                return Ok(Some(due));
-            }
-        }
-        Ok(None)
+        let state = self.state()?;
+        Ok(state.due.get(lane).and_then(|queue| {
+            queue
+                .iter()
+                .find(|(_, id)| !skip.contains(id))
+                .map(|(due, _)| *due)
+        }))
     }
 
     /// A pending delivery and its event's bytes.
     pub fn load(&self, delivery: u64) -> Result<Option<(DeliveryRecord, Bytes)>, SpoolError> {
-        let txn = self.shared.db.begin_read()?;
-        let Some(record) = txn.open_table(DELIVERIES)?.get(delivery)? else {
-            return Ok(None);
+        let (record, event) = {
+            let state = self.state()?;
+            let Some(record) = state.deliveries.get(&delivery) else {
+                return Ok(None);
+            };
+            let event = state.events.get(&record.event).copied().ok_or_else(|| {
+                SpoolError::Storage(format!(
+                    "delivery {delivery} refers to missing event {}",
+                    record.event
+                ))
+            })?;
+            (record.clone(), event)
         };
-        let record = decode(record.value())?;
-        let Some(body) = txn.open_table(EVENTS)?.get(record.event)? else {
-            return Err(SpoolError::Storage(format!(
-                "delivery {delivery} refers to missing event {}",
-                record.event
-            )));
-        };
-        let body = Bytes::copy_from_slice(body.value());
-        Ok(Some((record, body)))
+        let file = self
+            .shared
+            .inner
+            .files
+            .lock()
+            .map_err(|_| SpoolError::Closed)?
+            .get(&event.segment)
+            .cloned()
+            .ok_or_else(|| SpoolError::Storage(format!("segment {} is gone", event.segment)))?;
+        let mut body = vec![0u8; event.len as usize];
+        file.read_exact_at(&mut body, event.offset)
+            .map_err(|e| storage(format!("reading event {}", record.event), e))?;
+        Ok(Some((record, Bytes::from(body))))
     }
 
     /// Lanes that hold pending deliveries, with their counts.
     pub fn pending_lanes(&self) -> Result<BTreeMap<String, u64>, SpoolError> {
-        let txn = self.shared.db.begin_read()?;
-        let mut lanes = BTreeMap::new();
-        for entry in txn.open_table(DUE)?.iter()? {
-            let (key, _) = entry?;
-            *lanes.entry(key.value().0.to_string()).or_insert(0) += 1;
-        }
-        Ok(lanes)
-    }
-
-    fn pending_by_upstream(&self) -> Result<BTreeMap<String, u64>, SpoolError> {
-        let mut by_upstream = BTreeMap::new();
-        for (lane, count) in self.pending_lanes()? {
-            let upstream = lane.split_once('/').map_or(lane.as_str(), |(_, u)| u);
-            *by_upstream.entry(upstream.to_string()).or_insert(0) += count;
-        }
-        Ok(by_upstream)
-    }
-
-    fn dead_by_upstream(&self) -> Result<BTreeMap<String, u64>, SpoolError> {
-        let mut by_upstream = BTreeMap::new();
-        for record in self.dead_letters(usize::MAX)? {
-            *by_upstream.entry(record.upstream).or_insert(0) += 1;
-        }
-        Ok(by_upstream)
+        let state = self.state()?;
+        Ok(state
+            .due
+            .iter()
+            .map(|(lane, queue)| (lane.clone(), queue.len() as u64))
+            .collect())
     }
 
     /// Up to `limit` dead letters, oldest first.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeliveryRecord>, SpoolError> {
-        let txn = self.shared.db.begin_read()?;
-        let table = txn.open_table(DEAD)?;
-        let mut records = Vec::new();
-        for entry in table.iter()?.take(limit) {
-            let (_, value) = entry?;
-            records.push(decode(value.value())?);
-        }
-        Ok(records)
+        let state = self.state()?;
+        Ok(state.dead.values().take(limit).cloned().collect())
     }
 
     /// How many events, pending deliveries, dedup keys and dead letters are stored.
     pub fn counts(&self) -> Result<SpoolCounts, SpoolError> {
-        let txn = self.shared.db.begin_read()?;
+        let state = self.state()?;
         Ok(SpoolCounts {
-            events: txn.open_table(EVENTS)?.len()?,
-            pending: txn.open_table(DELIVERIES)?.len()?,
-            dedup_keys: txn.open_table(DEDUP)?.len()?,
-            dead: txn.open_table(DEAD)?.len()?,
+            events: state.events.len() as u64,
+            pending: state.deliveries.len() as u64,
+            dedup_keys: state.dedup_len() as u64,
+            dead: state.dead.len() as u64,
         })
     }
-}
-
-/// Table sizes, for tests and the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SpoolCounts {
-    pub events: u64,
-    pub pending: u64,
-    pub dedup_keys: u64,
-    pub dead: u64,
-}
-
-fn decode(bytes: &[u8]) -> Result<DeliveryRecord, SpoolError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| SpoolError::Storage(format!("corrupt delivery record: {e}")))
-}
-
-fn encode(record: &DeliveryRecord) -> Vec<u8> {
-    // A struct of plain fields always serializes.
-    serde_json::to_vec(record).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,9 +1,7 @@
 //! What the spool stores about one delivery: its identity, progress and last error.
 
-use serde::{Deserialize, Serialize};
-
 /// One (event, upstream) delivery. The same record is kept while pending and once dead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryRecord {
     /// Unique id of this delivery (also the dead letter id).
     pub id: u64,

@@ -237,3 +237,135 @@ async fn in_flight_deliveries_can_be_skipped_when_listing() {
         .unwrap()
         .is_none());
 }
+
+fn segments(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("seg-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = open(dir.path());
+        for id in ["t1", "t2", "t3"] {
+            spool.append(event(id)).await.unwrap();
+        }
+    }
+    let path = dir.path().join(&segments(dir.path())[0]);
+    let whole = std::fs::metadata(&path).unwrap().len();
+    // A crash in the middle of writing a batch: a header and part of a body.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &[200, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]).unwrap();
+    drop(file);
+    let (spool, _) = open(dir.path());
+    assert_eq!(spool.counts().unwrap().events, 3);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        whole,
+        "the partial write is cut off"
+    );
+    assert!(matches!(
+        spool.append(event("t4")).await.unwrap(),
+        Appended::Accepted(_)
+    ));
+    drop(spool);
+    let (spool, _) = open(dir.path());
+    assert_eq!(spool.counts().unwrap().events, 4);
+    assert_eq!(
+        spool.append(event("t3")).await.unwrap(),
+        Appended::Duplicate
+    );
+}
+
+#[tokio::test]
+async fn damage_before_the_last_segment_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = open(dir.path());
+        spool.append(event("d1")).await.unwrap();
+    }
+    let first = dir.path().join(&segments(dir.path())[0]);
+    let mut bytes = std::fs::read(&first).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&first, bytes).unwrap();
+    std::fs::write(dir.path().join("seg-0000000002.log"), b"").unwrap();
+    let err = Spool::open(dir.path(), Duration::from_secs(60), metrics())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, SpoolError::Storage(m) if m.contains("seg-0000000001.log is damaged (checksum mismatch")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn one_process_per_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_spool, _) = open(dir.path());
+    let err = Spool::open(dir.path(), Duration::from_secs(60), metrics())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, SpoolError::Storage(m) if m.ends_with("is in use by another actiongate process")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn finished_segments_are_deleted_and_their_dedup_keys_carried_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // Tiny segments: every batch seals one.
+        let spool = Spool::open_sized(
+            dir.path(),
+            Duration::from_secs(3600),
+            metrics(),
+            Commit::Durable,
+            64,
+        )
+        .unwrap();
+        for id in ["s1", "s2", "s3"] {
+            spool.append(event(id)).await.unwrap();
+        }
+        for lane in ["a/up1", "a/up2"] {
+            for id in spool.due(lane, now_ms(), 10, &none()).unwrap() {
+                spool
+                    .finish(
+                        id,
+                        Finish::Delivered {
+                            at_ms: now_ms(),
+                            status: 200,
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        // One more batch runs the clean-up after the last finish.
+        spool.append(event("s4")).await.unwrap();
+        assert_eq!(spool.counts().unwrap().events, 1);
+    }
+    let names = segments(dir.path());
+    assert!(names.len() <= 3, "finished segments are deleted: {names:?}");
+    let (spool, _) = open(dir.path());
+    for id in ["s1", "s2", "s3", "s4"] {
+        assert_eq!(
+            spool.append(event(id)).await.unwrap(),
+            Appended::Duplicate,
+            "{id}"
+        );
+    }
+    let pending = spool.due("a/up1", now_ms(), 10, &none()).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(spool.load(pending[0]).unwrap().unwrap().0.event_id, "s4");
+}
