@@ -219,3 +219,126 @@ fn render_refuses_what_the_gateway_would_refuse() {
         "no action \"restart\" (actions: restart-host)\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_at_the_edge_accepts_an_event_over_https() {
+    use support::gateway::Gateway;
+    use support::tls::TestCa;
+    use support::upstream::Upstream;
+
+    let ca = TestCa::new();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca_path, cert, key) = ca.write(certs.path());
+    let upstream = Upstream::ok().await;
+    let yaml = format!(
+        "sources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], upstreams: [{{name: up, url: \"{}\"}}]}}\n",
+        upstream.url("/")
+    );
+    let listener = format!(
+        "tls: {{cert: \"{}\", key: \"{}\"}}",
+        cert.display(),
+        key.display()
+    );
+    let gateway = Gateway::start_with_listener(&yaml, &[], &listener).await;
+
+    let ca_cert = reqwest::Certificate::from_pem(&std::fs::read(&ca_path).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca_cert)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/act", gateway.addr.port());
+    let response = client
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .body(support::event_with_id("tls-edge-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"status": "accepted", "event_id": "tls-edge-1"})
+    );
+    let got = upstream
+        .wait_for(1, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(got[0].header("x-actiongate-event-id"), Some("tls-edge-1"));
+
+    // Plain HTTP on the TLS port is not an answer.
+    let plain = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert!(plain
+        .post(format!("http://127.0.0.1:{}/act", gateway.addr.port()))
+        .send()
+        .await
+        .is_err());
+}
+
+#[path = "../examples/embed.rs"]
+mod embed;
+
+/// A shutdown trigger that never fires: the embedded server lives as long as the test process.
+struct Never;
+
+#[async_trait::async_trait]
+impl pingora_core::server::ShutdownSignalWatch for Never {
+    async fn recv(&self) -> pingora_core::server::ShutdownSignal {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_module_embedded_in_a_users_proxy_answers_actions_and_passes_the_rest() {
+    use support::client::{self, Request};
+    use support::upstream::{Reply, Upstream};
+
+    let backend =
+        Upstream::start(|_, r| Reply::Full(200, vec![], format!("backend: {}", r.path))).await;
+    let upstream = Upstream::ok().await;
+    let spool = tempfile::tempdir().unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let admin = support::free_port();
+    let yaml = format!(
+        "listen: [{{addr: \"{listen}\"}}]\nadmin: {{addr: \"127.0.0.1:{admin}\"}}\nspool: {{path: \"{}\"}}\n\
+         sources: {{local: [\"127.0.0.1/32\"]}}\n\
+         actions:\n  - {{name: act, path: /act, allow: [local], upstreams: [{{name: up, url: \"{}\"}}]}}\n",
+        spool.path().display(),
+        upstream.url("/")
+    );
+    let config = actiongate::Config::from_yaml(&yaml, &|_| None).unwrap();
+    let (server, _gate) = embed::build(config, backend.addr).unwrap();
+    std::thread::spawn(move || {
+        server.run(pingora_core::server::RunArgs {
+            shutdown_signal: Box::new(Never),
+        })
+    });
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    support::eventually_async(std::time::Duration::from_secs(20), || async move {
+        (support::gateway::readyz(admin).await == Some(200)).then_some(())
+    })
+    .await;
+
+    let action = Request::post_json("/act", &support::event_with_id("embed-1"))
+        .send(listen)
+        .await;
+    assert_eq!(action.status, 200);
+    assert_eq!(
+        action.json(),
+        serde_json::json!({"status": "accepted", "event_id": "embed-1"})
+    );
+    let delivered = upstream
+        .wait_for(1, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(delivered[0].header("idempotency-key"), Some("embed-1:up"));
+
+    let other = client::get(listen, "/status?page=2").await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.body, b"backend: /status?page=2");
+    assert!(
+        backend.received().iter().all(|r| r.path != "/act"),
+        "actions never reach the user's backend"
+    );
+}

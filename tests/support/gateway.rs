@@ -29,11 +29,21 @@ impl Gateway {
     }
 
     pub async fn start_with_env(yaml: &str, env: &[(&str, &str)]) -> Gateway {
+        Gateway::start_with_listener(yaml, env, "").await
+    }
+
+    /// Like `start_with_env`, with extra YAML for the listener (e.g. `tls: {…}`).
+    pub async fn start_with_listener(yaml: &str, env: &[(&str, &str)], listener: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listener = if listener.is_empty() {
+            String::new()
+        } else {
+            format!(", {listener}")
+        };
         let config = format!(
-            "listen: [{{addr: \"{addr}\"}}]\nadmin: {{addr: \"{admin}\"}}\nspool: {{path: \"{}\"}}\n{yaml}",
+            "listen: [{{addr: \"{addr}\"{listener}}}]\nadmin: {{addr: \"{admin}\"}}\nspool: {{path: \"{}\"}}\n{yaml}",
             dir.path().join("spool").display()
         );
         std::fs::write(dir.path().join("actiongate.yaml"), config).expect("write config");

@@ -1,0 +1,97 @@
+//! Embedding actiongate in your own Pingora proxy.
+//!
+//! The module answers Flashduty action paths from your `request_filter` and declines
+//! everything else, which your proxy then handles as it always did (here: proxied to a
+//! backend). The admin listener and the delivery dispatcher are added to your server.
+//!
+//! Run: `cargo run --example embed -- conf/actiongate.yaml 127.0.0.1:8000`
+//! (listens on the config's first `listen` address; other paths go to 127.0.0.1:8000).
+
+use std::net::SocketAddr;
+
+use actiongate::{ActionGate, Config};
+use async_trait::async_trait;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_proxy::{ProxyHttp, Session};
+
+/// Your proxy, with actiongate inside.
+pub struct MyProxy {
+    pub gate: ActionGate,
+    pub backend: SocketAddr,
+}
+
+#[async_trait]
+impl ProxyHttp for MyProxy {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora_core::Result<bool> {
+        // actiongate first: it answers its action paths and returns false for anything else.
+        if self.gate.handle(session.as_downstream_mut()).await? {
+            return Ok(true);
+        }
+        // ... your own request filtering goes here ...
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora_core::Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.backend, false, String::new())))
+    }
+}
+
+/// Builds your server: your proxy on the config's first listen address, plus actiongate's
+/// admin listener and dispatcher.
+pub fn build(config: Config, backend: SocketAddr) -> Result<(Server, ActionGate), String> {
+    let listen = config.listen.first().ok_or("no listen address")?.addr;
+    let gate = ActionGate::new(config)?;
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), ServerConf::default());
+    server.bootstrap();
+    let mut proxy = pingora_proxy::http_proxy_service(
+        &server.configuration,
+        MyProxy {
+            gate: gate.clone(),
+            backend,
+        },
+    );
+    proxy.add_tcp(&listen.to_string());
+    server.add_service(proxy);
+    gate.add_services(&mut server)?;
+    Ok((server, gate))
+}
+
+#[allow(dead_code)] // the integration test includes this file for `build` only
+fn main() {
+    env_logger::init();
+    let mut args = std::env::args().skip(1);
+    let (Some(conf), Some(backend)) = (args.next(), args.next()) else {
+        eprintln!("usage: embed CONFIG.yaml BACKEND_ADDR");
+        std::process::exit(2);
+    };
+    let config = Config::load(conf.as_ref()).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1);
+    });
+    let backend = backend.parse().unwrap_or_else(|e| {
+        eprintln!("{backend}: {e}");
+        std::process::exit(2);
+    });
+    let (server, gate) = build(config, backend).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1);
+    });
+    // Let SIGTERM/SIGINT drain actiongate's in-flight work before Pingora stops.
+    server.run(RunArgs {
+        shutdown_signal: Box::new(gate.drain_on_signal()),
+    });
+}
