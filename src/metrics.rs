@@ -45,6 +45,7 @@ pub struct Metrics {
     pending: IntGaugeVec,
     dead: IntGaugeVec,
     drift: IntCounterVec,
+    forbidden_with_secret: IntCounterVec,
     in_flight: IntGaugeVec,
     commit_duration: Histogram,
     commit_batch: Histogram,
@@ -55,6 +56,8 @@ pub struct Metrics {
 pub struct ActionMetrics {
     requests: Vec<IntCounter>,
     ack: Histogram,
+    /// Refused by address although the secret was right: Flashduty likely moved.
+    pub forbidden_with_secret: IntCounter,
 }
 
 impl ActionMetrics {
@@ -184,6 +187,12 @@ impl Metrics {
                 "Unknown values of documented payload enums, by field.",
                 &["field"],
             ),
+            forbidden_with_secret: counter(
+                "actiongate_forbidden_source_with_secret_total",
+                "Requests refused for their source address that carried the right secret: a sign \
+                 that Flashduty pushes from an address the allowlist does not know.",
+                &["action"],
+            ),
             in_flight: gauge(
                 "actiongate_in_flight",
                 "Action requests and delivery attempts in progress, read at scrape time.",
@@ -220,6 +229,7 @@ impl Metrics {
                 .map(|o| self.requests.with_label_values(&[action, o.label()]))
                 .collect(),
             ack: self.ack.with_label_values(&[action]),
+            forbidden_with_secret: self.forbidden_with_secret.with_label_values(&[action]),
         }
     }
 

@@ -244,6 +244,13 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
     assert_eq!(gateway.metric(&metric("invalid_json")).await, 2.0);
     assert_eq!(gateway.metric(&metric("invalid_payload")).await, 9.0);
     assert_eq!(gateway.metric(&metric("accepted")).await, 0.0);
+    // Of the four forbidden requests, three carried the right secret: a sign Flashduty moved.
+    assert_eq!(
+        gateway
+            .metric("actiongate_forbidden_source_with_secret_total{action=\"restart\"}")
+            .await,
+        3.0
+    );
     assert_eq!(
         gateway
             .metric("actiongate_requests_total{action=\"(none)\",outcome=\"unknown_action\"}")

@@ -342,3 +342,113 @@ async fn the_module_embedded_in_a_users_proxy_answers_actions_and_passes_the_res
         "actions never reach the user's backend"
     );
 }
+
+/// Every `actiongate_*` metric named in `exprs`, with histogram suffixes folded into their family.
+fn metric_families_used(exprs: &[String]) -> std::collections::BTreeSet<String> {
+    let name = regex::Regex::new(r"actiongate_[a-z_]+").unwrap();
+    exprs
+        .iter()
+        .flat_map(|e| {
+            name.find_iter(e)
+                .map(|m| m.as_str().to_string())
+                .collect::<Vec<_>>()
+        })
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| n.strip_suffix(suffix).map(str::to_string))
+                .unwrap_or(n)
+        })
+        .collect()
+}
+
+fn exprs_in_json(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => exprs_in_json(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs_in_json(v, out)),
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_alert_rules_query_only_metrics_the_binary_exports() {
+    let upstream = support::upstream::Upstream::ok().await;
+    let yaml = format!(
+        "actions:\n  - {{name: act, path: /act, secret: {{header: X-S, value: s}}, upstreams: [{{name: up, url: \"{}\"}}]}}\n",
+        upstream.url("/")
+    );
+    let gateway = support::gateway::Gateway::start(&yaml).await;
+    let exported: std::collections::BTreeSet<String> = gateway
+        .metrics()
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+
+    let dashboard: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root().join("conf/grafana/actiongate-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    exprs_in_json(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 12, "the dashboard has its panels");
+    let used = metric_families_used(&exprs);
+    for family in &used {
+        assert!(
+            exported.contains(family),
+            "dashboard queries {family}, which /metrics does not export"
+        );
+    }
+    for needed in [
+        "actiongate_requests_total",
+        "actiongate_ack_duration_seconds",
+        "actiongate_deliveries_total",
+        "actiongate_delivery_lag_seconds",
+        "actiongate_pending_deliveries",
+        "actiongate_dead_letters",
+    ] {
+        assert!(used.contains(needed), "the dashboard shows {needed}");
+    }
+
+    let rules: serde_yaml::Value = serde_yaml::from_slice(
+        &std::fs::read(root().join("conf/prometheus/actiongate-alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    let mut names = Vec::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            names.push(rule["alert"].as_str().expect("alert name").to_string());
+            exprs.push(rule["expr"].as_str().expect("expr").to_string());
+            assert!(rule["labels"]["severity"].as_str().is_some(), "{rule:?}");
+            assert!(
+                rule["annotations"]["summary"].as_str().is_some(),
+                "{rule:?}"
+            );
+        }
+    }
+    for family in metric_families_used(&exprs) {
+        assert!(
+            exported.contains(&family),
+            "an alert queries {family}, which /metrics does not export"
+        );
+    }
+    for alert in [
+        "ActiongateNotScraped",
+        "ActiongateDeadLettersRising",
+        "ActiongatePendingBacklogGrowing",
+        "ActiongateAckP99NearDeadline",
+        "ActiongateForbiddenSourceSpike",
+        "ActiongateRightSecretFromUnknownAddress",
+    ] {
+        assert!(names.iter().any(|n| n == alert), "missing alert {alert}");
+    }
+}

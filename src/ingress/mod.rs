@@ -144,6 +144,23 @@ impl Ingress {
             &self.trusted_proxies,
         );
         if !action.allow.contains(client) {
+            // The answer stays 403 (address before secret), but a right secret from an unknown
+            // address most likely means Flashduty changed its push addresses: say so.
+            if let Some(s) = &action.secret {
+                let values = request
+                    .headers
+                    .get_all(&s.header)
+                    .iter()
+                    .map(|v| v.as_bytes());
+                if secret::holds(s, values) {
+                    route.metrics.forbidden_with_secret.inc();
+                    log::warn!(
+                        "action={} refused source {client} although its secret was right: \
+                         has Flashduty changed its push addresses? (see sources.flashduty)",
+                        action.name
+                    );
+                }
+            }
             return Answer::error(
                 Outcome::ForbiddenSource,
                 format!("source {client} is not allowed for action {}", action.name),
