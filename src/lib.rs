@@ -21,6 +21,7 @@ pub mod config;
 pub mod delivery;
 pub mod ingress;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

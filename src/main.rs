@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
-    init_logging();
+    actiongate::logging::init(config.log.format, &config.log.level);
     let mode = Mode {
         daemon: cli.daemon,
         upgrade: cli.upgrade,
@@ -90,12 +90,6 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
 }
 
 fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Path) -> ExitCode {

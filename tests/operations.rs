@@ -452,3 +452,125 @@ async fn the_dashboard_and_alert_rules_query_only_metrics_the_binary_exports() {
         assert!(names.iter().any(|n| n == alert), "missing alert {alert}");
     }
 }
+
+async fn logging_gateway(format: &str) -> (support::gateway::Gateway, support::upstream::Upstream) {
+    let upstream = support::upstream::Upstream::ok().await;
+    let yaml = format!(
+        "log: {{format: {format}}}\nsources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], \
+         secret: {{header: X-Secret, value: \"${{LOG_TEST_SECRET}}\"}}, \
+         upstreams: [{{name: up, url: \"{}\", headers: {{Authorization: \"Bearer ${{LOG_TEST_TOKEN}}\"}}}}]}}\n",
+        upstream.url("/")
+    );
+    let env = [
+        ("LOG_TEST_SECRET", "s3cret-never-logged"),
+        ("LOG_TEST_TOKEN", "token-never-logged"),
+    ];
+    let gateway = support::gateway::Gateway::start_with_env(&yaml, &env).await;
+    let post = |id: &str, secret: &str| {
+        support::client::Request::post_json("/act", &support::event_with_id(id))
+            .header("X-Secret", secret)
+    };
+    assert_eq!(
+        post("log-1", "s3cret-never-logged")
+            .send(gateway.addr)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post("log-2", "s3cret-never-loggeX")
+            .send(gateway.addr)
+            .await
+            .status,
+        401
+    );
+    upstream
+        .wait_for(1, std::time::Duration::from_secs(20))
+        .await;
+    gateway
+        .wait_metric(
+            "actiongate_deliveries_total{action=\"act\",outcome=\"delivered\",upstream=\"up\"}",
+            1.0,
+        )
+        .await;
+    (gateway, upstream)
+}
+
+fn assert_no_secrets_or_payload(logs: &str) {
+    for forbidden in [
+        "s3cret-never-logged",
+        "s3cret-never-loggeX",
+        "token-never-logged",
+        "li.wei@example.com",
+        "memory usage above",
+    ] {
+        assert!(
+            !logs.contains(forbidden),
+            "{forbidden:?} appears in the logs:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_parseable_line_per_request_and_attempt_and_no_secrets() {
+    let (gateway, _upstream) = logging_gateway("json").await;
+    let logs = gateway.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let requests: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "actiongate::request")
+        .collect();
+    assert_eq!(requests.len(), 2, "{logs}");
+    let accepted = requests
+        .iter()
+        .find(|l| l["outcome"] == "accepted")
+        .expect("accepted line");
+    assert_eq!(accepted["action"], "act");
+    assert_eq!(accepted["client"], "127.0.0.1");
+    assert_eq!(accepted["status"], 200);
+    assert_eq!(accepted["event_id"], "log-1");
+    assert!(accepted["ack_ms"].as_f64().is_some_and(|ms| ms > 0.0));
+    let refused = requests
+        .iter()
+        .find(|l| l["outcome"] == "unauthorized")
+        .expect("401 line");
+    assert_eq!(refused["status"], 401);
+    assert_eq!(refused["reason"], "header x-secret is missing or wrong");
+    let attempt = lines
+        .iter()
+        .find(|l| l["target"] == "actiongate::delivery")
+        .expect("attempt line");
+    assert_eq!(attempt["upstream"], "up");
+    assert_eq!(attempt["event_id"], "log-1");
+    assert_eq!(attempt["attempt"], 1);
+    assert_eq!(attempt["status"], 200);
+    assert_eq!(attempt["decision"], "delivered");
+    assert!(attempt["duration_ms"].as_f64().is_some());
+    assert_no_secrets_or_payload(&logs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logfmt_logs_are_key_value_lines_without_secrets() {
+    let (gateway, _upstream) = logging_gateway("logfmt").await;
+    let logs = gateway.logs();
+    let request = logs
+        .lines()
+        .find(|l| l.contains("target=actiongate::request") && l.contains("outcome=accepted"))
+        .unwrap_or_else(|| panic!("no request line:\n{logs}"));
+    for field in [
+        " level=info ",
+        " msg=request ",
+        " action=act ",
+        " client=127.0.0.1 ",
+        " status=200 ",
+        " event_id=log-1 ",
+    ] {
+        assert!(request.contains(field), "{field:?} missing in {request}");
+    }
+    assert!(logs.lines().all(|l| l.starts_with("ts=")), "{logs}");
+    assert_no_secrets_or_payload(&logs);
+}

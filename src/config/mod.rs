@@ -22,6 +22,7 @@ use crate::delivery::retry::RetryPolicy;
 use crate::delivery::template::{Template, TextTemplate, ValueMapping};
 use crate::delivery::when::When;
 use crate::ingress::allowlist::IpSet;
+use crate::logging::LogFormat;
 use raw::{RawAction, RawConfig, RawUpstream};
 use units::{parse_duration, parse_size};
 
@@ -52,6 +53,15 @@ pub struct Config {
     pub actions: Vec<Action>,
     /// What to do with an unknown value of a documented enum (schema drift).
     pub schema_drift: DriftPolicy,
+    pub log: LogSettings,
+}
+
+/// Log output (`log.format`, `log.level`).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A level name; `RUST_LOG`, when set, overrides it.
+    pub level: String,
 }
 
 #[derive(Debug, Clone)]
@@ -370,6 +380,32 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         }
     };
 
+    let log = LogSettings {
+        format: match raw.log.format.as_deref() {
+            None => LogFormat::Text,
+            Some(text) => LogFormat::parse(text).unwrap_or_else(|| {
+                check.fail(
+                    "log.format",
+                    format!("{text:?} is not a format (use text, json or logfmt)"),
+                );
+                LogFormat::Text
+            }),
+        },
+        level: match raw.log.level.as_deref() {
+            None => "info".to_string(),
+            Some(level @ ("error" | "warn" | "info" | "debug" | "trace" | "off")) => {
+                level.to_string()
+            }
+            Some(other) => {
+                check.fail(
+                    "log.level",
+                    format!("{other:?} is not a level (use error, warn, info, debug or trace)"),
+                );
+                "info".to_string()
+            }
+        },
+    };
+
     if raw.actions.is_empty() {
         check.fail("actions", "at least one action is required");
     }
@@ -400,6 +436,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         fallback,
         actions,
         schema_drift,
+        log,
     })
 }
 

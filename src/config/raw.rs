@@ -38,6 +38,18 @@ pub struct RawConfig {
     pub actions: Vec<RawAction>,
     /// `accept` [default] or `reject` unknown enum values in payloads.
     pub schema_drift: Option<String>,
+    /// Log format and level.
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `text` [default], `json` or `logfmt`.
+    pub format: Option<String>,
+    /// `error`, `warn`, `info` [default], `debug` or `trace`; RUST_LOG overrides it.
+    pub level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

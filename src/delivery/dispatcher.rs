@@ -274,11 +274,13 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
     };
     if let (Some(when), Some(payload)) = (&upstream.when, &payload) {
         if !when.matches(payload) {
-            log::debug!(
-                "action={} upstream={} event_id={} skipped: when did not match",
-                lane.action,
-                upstream.name,
-                record.event_id
+            log::info!(
+                target: "actiongate::delivery",
+                action = lane.action.as_str(),
+                upstream = upstream.name.as_str(),
+                event_id = record.event_id.as_str(),
+                decision = "skipped";
+                "when did not match"
             );
             record_finish(
                 lane,
@@ -315,17 +317,20 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
     let at_ms = now_ms();
     let decision = upstream.retry.decide(attempt, &outcome, fastrand::f64());
     log::info!(
-        "delivery action={} upstream={} event_id={} attempt={attempt} result={:?} decision={} took_ms={}",
-        lane.action,
-        upstream.name,
-        record.event_id,
-        description,
-        match decision {
+        target: "actiongate::delivery",
+        action = lane.action.as_str(),
+        upstream = upstream.name.as_str(),
+        event_id = record.event_id.as_str(),
+        attempt = attempt,
+        status = status.unwrap_or(0),
+        result = description.as_str(),
+        decision = match decision {
             Decision::Delivered => "delivered",
             Decision::Retry(_) => "retry",
             Decision::DeadLetter => "dead_letter",
         },
-        took.as_millis()
+        duration_ms = took.as_secs_f64() * 1000.0;
+        "delivery attempt"
     );
     let (finish, label) = match decision {
         Decision::Delivered => (

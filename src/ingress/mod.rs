@@ -41,6 +41,13 @@ pub struct Ingress {
     drift_logged: Mutex<HashSet<(usize, String)>>,
 }
 
+/// What the checks learnt about a request, for its log line.
+#[derive(Default)]
+struct Seen {
+    client: Option<std::net::IpAddr>,
+    event_id: Option<String>,
+}
+
 /// One action, with what its requests need at hand.
 struct Route {
     action: Action,
@@ -98,19 +105,34 @@ impl Ingress {
             return Ok(false);
         };
         let _in_flight = self.lifecycle.request();
-        let answer = self.decide(route, session).await;
+        let mut seen = Seen::default();
+        let answer = self.decide(route, session, &mut seen).await;
         // Counted before answering, so that a client which has its answer also finds it in
         // the metrics; the ack time below runs to the last byte of the response.
         route.metrics.request(answer.outcome);
         let result = respond(session, &answer).await;
-        if answer.outcome.status() == 200 {
-            route.metrics.ack(started.elapsed());
+        let elapsed = started.elapsed();
+        let status = answer.outcome.status();
+        if status == 200 {
+            route.metrics.ack(elapsed);
         }
-        log::debug!(
-            "action={} outcome={} status={}",
-            route.name,
-            answer.outcome.label(),
-            answer.outcome.status()
+        // One line per request. The reason of a refusal names a field or a header, never a
+        // value from the payload or a secret.
+        let reason = if status == 200 {
+            ""
+        } else {
+            answer.detail.as_str()
+        };
+        log::info!(
+            target: "actiongate::request",
+            action = route.name.as_ref(),
+            client:% = seen.client.map_or_else(String::new, |c| c.to_string()),
+            outcome = answer.outcome.label(),
+            status = status,
+            event_id = seen.event_id.as_deref().unwrap_or_default(),
+            ack_ms = elapsed.as_secs_f64() * 1000.0,
+            reason = reason;
+            "request"
         );
         result.map(|()| true)
     }
@@ -123,7 +145,7 @@ impl Ingress {
         respond(session, &answer).await
     }
 
-    async fn decide(&self, route: &Route, session: &mut ServerSession) -> Answer {
+    async fn decide(&self, route: &Route, session: &mut ServerSession, seen: &mut Seen) -> Answer {
         let action = &route.action;
         let request = session.req_header();
 
@@ -143,6 +165,7 @@ impl Ingress {
                 .map(|v| v.as_bytes()),
             &self.trusted_proxies,
         );
+        seen.client = Some(client);
         if !action.allow.contains(client) {
             // The answer stays 403 (address before secret), but a right secret from an unknown
             // address most likely means Flashduty changed its push addresses: say so.
@@ -251,6 +274,7 @@ impl Ingress {
                 valid.event_id.into_owned()
             }
         };
+        seen.event_id = Some(event_id.clone());
 
         let event = NewEvent {
             action: route.name.clone(),
