@@ -92,6 +92,6 @@ fn main() {
     });
     // Let SIGTERM/SIGINT drain actiongate's in-flight work before Pingora stops.
     server.run(RunArgs {
-        shutdown_signal: Box::new(gate.drain_on_signal()),
+        shutdown_signal: Box::new(gate.drain_on_signal(Some(conf.into()))),
     });
 }

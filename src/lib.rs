@@ -109,10 +109,12 @@ impl ActionGate {
     }
 
     /// The shutdown trigger to pass to `Server::run` so that SIGTERM/SIGINT drain first.
-    pub fn drain_on_signal(&self) -> DrainOnSignal {
+    /// With `config_path`, SIGHUP re-checks that file and logs the result.
+    pub fn drain_on_signal(&self, config_path: Option<std::path::PathBuf>) -> DrainOnSignal {
         DrainOnSignal {
             lifecycle: self.lifecycle.clone(),
             grace: self.config.server.grace_period,
+            config_path,
         }
     }
 

@@ -108,6 +108,33 @@ impl Lifecycle {
     }
 }
 
+impl DrainOnSignal {
+    /// SIGHUP: live reload is not implemented yet, so the gateway keeps running as it is and
+    /// says whether the file on disk would start cleanly.
+    fn check_config(&self) {
+        let Some(path) = &self.config_path else {
+            log::warn!("SIGHUP ignored: live reload is not implemented");
+            return;
+        };
+        match crate::config::Config::load(path) {
+            Ok(_) => log::warn!(
+                "SIGHUP: {} is valid, but live reload is not implemented yet; restart to apply it \
+                 (accepted events stay in the spool across a restart)",
+                path.display()
+            ),
+            Err(problems) => {
+                for problem in &problems.0 {
+                    log::error!("SIGHUP: {}: {problem}", path.display());
+                }
+                log::error!(
+                    "SIGHUP: {} has problems; still running on the configuration loaded at start",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 /// Pingora's shutdown trigger, replaced so that SIGTERM and SIGINT both drain first.
 ///
 /// Pingora's own handler closes listeners at once and then sleeps the whole grace period
@@ -116,26 +143,33 @@ impl Lifecycle {
 pub struct DrainOnSignal {
     pub lifecycle: Arc<Lifecycle>,
     pub grace: Duration,
+    /// The config file, re-checked on SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut quit), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
+            signal(SignalKind::hangup()),
         ) else {
             log::error!("cannot install signal handlers; shutting down");
             return ShutdownSignal::FastShutdown;
         };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = quit.recv() => {
-                log::info!("SIGQUIT: handing listeners over for a graceful upgrade");
-                self.lifecycle.begin_drain();
-                return ShutdownSignal::GracefulUpgrade;
+        let name = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = quit.recv() => {
+                    log::info!("SIGQUIT: handing listeners over for a graceful upgrade");
+                    self.lifecycle.begin_drain();
+                    return ShutdownSignal::GracefulUpgrade;
+                }
+                // SIGHUP's default action would kill the process without draining: handle it.
+                _ = hup.recv() => self.check_config(),
             }
         };
         log::info!("{name}: draining (grace period {:?})", self.grace);

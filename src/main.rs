@@ -80,7 +80,8 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
     };
     match Gateway::build(config, mode) {
-        Ok(gateway) => {
+        Ok(mut gateway) => {
+            gateway.config_path = Some(path.clone());
             log::info!("actiongate {} starting", env!("CARGO_PKG_VERSION"));
             gateway.run();
             ExitCode::SUCCESS

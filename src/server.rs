@@ -21,6 +21,8 @@ pub struct Mode {
 pub struct Gateway {
     pub server: Server,
     pub gate: ActionGate,
+    /// Re-checked on SIGHUP.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Gateway {
@@ -77,13 +79,17 @@ impl Gateway {
         }
         server.add_service(proxy);
         gate.add_services(&mut server)?;
-        Ok(Gateway { server, gate })
+        Ok(Gateway {
+            server,
+            gate,
+            config_path: None,
+        })
     }
 
     /// Runs until a signal stops it.
     pub fn run(self) {
         let args = RunArgs {
-            shutdown_signal: Box::new(self.gate.drain_on_signal()),
+            shutdown_signal: Box::new(self.gate.drain_on_signal(self.config_path)),
         };
         self.server.run(args);
     }
