@@ -4,7 +4,12 @@ and actiongate (every check on, fsync'd spool, delivering to nginx), each hit by
 payload mix on loopback. Prints a Markdown table and writes benches/load/results/latest.{md,json}.
 
 Run it through `bash benches/load/run` (which installs and builds what it needs).
-Environment: DURATION (seconds per peer, default 15), CONNECTIONS (32), THREADS (wrk, 2).
+Environment: DURATION (seconds per peer, default 15), CONNECTIONS (32), THREADS (wrk, 2),
+BACKLOG (events for the backlog phase, default 100000; 0 skips it).
+
+The backlog phase fills actiongate with BACKLOG events while its upstream is down (each is
+dead-lettered after one refused connection), brings the upstream back, replays all dead letters
+at once through the admin API, and measures the drain rate and peak RSS.
 """
 
 import json
@@ -26,6 +31,7 @@ DURATION = int(os.environ.get("DURATION", "15"))
 CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
 WRK_THREADS = int(os.environ.get("THREADS", "2"))
 SERVER_THREADS = 2
+BACKLOG = int(os.environ.get("BACKLOG", "100000"))
 WORK = Path(tempfile.mkdtemp(prefix="actiongate-bench-"))
 
 
@@ -65,9 +71,9 @@ def children(pid):
         return []
 
 
-def wrk(url):
+def wrk(url, duration=None):
     env = dict(os.environ, FIXTURES=str(ROOT / "tests" / "fixtures"), RUN_NONCE=f"{time.time_ns()}")
-    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{DURATION}s", "--latency",
+    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration or DURATION}s", "--latency",
            "-s", str(HERE / "payload.lua"), url]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     result = {"raw": out}
@@ -208,10 +214,62 @@ def main():
     finally:
         stop(nginx)
 
-    report(results)
+    backlog = backlog_phase(actiongate) if BACKLOG else None
+    report(results, backlog)
 
 
-def report(results):
+def backlog_phase(actiongate):
+    port, admin, sink_port = free_port(), free_port(), free_port()
+    conf = WORK / "backlog.yaml"
+    conf.write_text((HERE / "actiongate.yaml").read_text()
+                    .replace("@LISTEN@", f"127.0.0.1:{port}").replace("@ADMIN@", f"127.0.0.1:{admin}")
+                    .replace("@SPOOL@", str(WORK / "backlog-spool"))
+                    .replace("@SINK@", f"http://127.0.0.1:{sink_port}/sink")
+                    .replace("@THREADS@", str(SERVER_THREADS))
+                    .replace("when: {", "retry: {attempts: 1}, when: {"))
+    log = open(WORK / "backlog.log", "w")
+    proc = subprocess.Popen([str(actiongate), "-c", str(conf)], stdout=log, stderr=log,
+                            env=dict(os.environ, RUST_LOG="warn"))
+    dead = 'actiongate_dead_letters{upstream="sink"}'
+    delivered = 'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}'
+    accepted = 'actiongate_requests_total{action="restart-host",outcome="accepted"}'
+    nginx = None
+    try:
+        wait_port(admin)
+        wait_port(port)
+        for _ in range(40):  # bounded: at most 40 x 5 s of load
+            if metrics(admin)[accepted] >= BACKLOG:
+                break
+            wrk(f"http://127.0.0.1:{port}/actions/restart-host", duration=5)
+        started = time.monotonic()
+        while time.monotonic() - started < 120:
+            m = metrics(admin)
+            if m[dead] >= m[accepted]:
+                break
+            time.sleep(0.5)
+        total = int(m[accepted])
+        rss_full = peak_rss_kib([proc.pid])
+        nginx = run_nginx(free_port(), sink_port)
+        wait_port(sink_port)
+        request = urllib.request.Request(f"http://127.0.0.1:{admin}/dead-letters/replay", method="POST")
+        replay_started = time.monotonic()
+        urllib.request.urlopen(request, timeout=60).read()
+        while time.monotonic() - replay_started < 300:
+            if metrics(admin)[delivered] >= total:
+                break
+            time.sleep(0.1)
+        drain = time.monotonic() - replay_started
+        done = int(metrics(admin)[delivered])
+        return {"events": total, "delivered": done, "drain_s": round(drain, 2),
+                "rate": round(done / drain), "rss_backlog_mib": round(rss_full / 1024),
+                "rss_peak_mib": round(peak_rss_kib([proc.pid]) / 1024)}
+    finally:
+        stop(proc)
+        if nginx:
+            stop(nginx)
+
+
+def report(results, backlog):
     ag = results["actiongate"]
     lines = [
         f"{CONNECTIONS} connections, wrk -t{WRK_THREADS}, {DURATION} s per peer, payloads 2.3 KB and 4.4 KB "
@@ -230,13 +288,21 @@ def report(results):
         f"({'all' if ag['delivered'] >= ag['accepted'] else 'NOT all'}; last one {ag['drain_after_load_s']} s after the load "
         f"stopped); {ag['commits']:,} spool commits, {ag['mean_batch']} changes per fsync on average.",
     ]
+    if backlog:
+        lines += [
+            "",
+            f"Backlog: {backlog['events']:,} deliveries waiting (upstream down), peak RSS {backlog['rss_backlog_mib']} MiB; "
+            f"after the upstream returned, {backlog['delivered']:,} delivered in {backlog['drain_s']} s "
+            f"({backlog['rate']:,}/s), peak RSS {backlog['rss_peak_mib']} MiB.",
+        ]
     text = "\n".join(lines)
     print(text)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.md").write_text(text + "\n")
-    (out / "latest.json").write_text(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "raw"}
-                                                 for k, v in results.items()}, indent=2) + "\n")
+    data = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in results.items()}
+    data["backlog"] = backlog
+    (out / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     for name, r in results.items():
         if r["socket_errors"]:
             print(f"{name}: {r['socket_errors']}", file=sys.stderr)

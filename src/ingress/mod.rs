@@ -166,42 +166,37 @@ impl Ingress {
             &self.trusted_proxies,
         );
         seen.client = Some(client);
+        // Checked before the address, but answered after it (the contract's order): a refusal
+        // by address can then tell whether the secret was right.
+        let secret_ok = action.secret.as_ref().map(|s| {
+            let values = request
+                .headers
+                .get_all(&s.header)
+                .iter()
+                .map(|v| v.as_bytes());
+            secret::holds(s, values)
+        });
         if !action.allow.contains(client) {
-            // The answer stays 403 (address before secret), but a right secret from an unknown
-            // address most likely means Flashduty changed its push addresses: say so.
-            if let Some(s) = &action.secret {
-                let values = request
-                    .headers
-                    .get_all(&s.header)
-                    .iter()
-                    .map(|v| v.as_bytes());
-                if secret::holds(s, values) {
-                    route.metrics.forbidden_with_secret.inc();
-                    log::warn!(
-                        "action={} refused source {client} although its secret was right: \
-                         has Flashduty changed its push addresses? (see sources.flashduty)",
-                        action.name
-                    );
-                }
+            // A right secret from an unknown address most likely means Flashduty changed its
+            // push addresses: say so (the answer stays 403).
+            if secret_ok == Some(true) {
+                route.metrics.forbidden_with_secret.inc();
+                log::warn!(
+                    "action={} refused source {client} although its secret was right: \
+                     has Flashduty changed its push addresses? (see sources.flashduty)",
+                    action.name
+                );
             }
             return Answer::error(
                 Outcome::ForbiddenSource,
                 format!("source {client} is not allowed for action {}", action.name),
             );
         }
-
-        if let Some(s) = &action.secret {
-            let values = request
-                .headers
-                .get_all(&s.header)
-                .iter()
-                .map(|v| v.as_bytes());
-            if !secret::holds(s, values) {
-                return Answer::error(
-                    Outcome::Unauthorized,
-                    format!("header {} is missing or wrong", s.header),
-                );
-            }
+        if let (Some(s), Some(false)) = (&action.secret, secret_ok) {
+            return Answer::error(
+                Outcome::Unauthorized,
+                format!("header {} is missing or wrong", s.header),
+            );
         }
 
         if self.lifecycle.is_draining() {
