@@ -92,7 +92,11 @@ impl ActionGate {
             &self.metrics,
             self.lifecycle.clone(),
         )?;
-        server.add_service(background_service("actiongate dispatcher", dispatcher));
+        let mut dispatcher = background_service("actiongate dispatcher", dispatcher);
+        // Pingora gives a background service one thread; deliveries (TLS, JSON, templates) are
+        // CPU work that should scale like the listener.
+        dispatcher.threads = Some(self.config.server.threads);
+        server.add_service(dispatcher);
         let mut admin = Service::new(
             "actiongate admin".to_string(),
             admin::Admin::new(

@@ -48,7 +48,8 @@ def wait_port(port, limit=20.0):
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port} after {limit}s")
+    logs = "".join(f"\n--- {p.name}:\n{p.read_text()[-2000:]}" for p in WORK.glob("*.log"))
+    raise SystemExit(f"nothing listening on {port} after {limit}s{logs}")
 
 
 def peak_rss_kib(pids):
@@ -226,7 +227,7 @@ def backlog_phase(actiongate):
                     .replace("@SPOOL@", str(WORK / "backlog-spool"))
                     .replace("@SINK@", f"http://127.0.0.1:{sink_port}/sink")
                     .replace("@THREADS@", str(SERVER_THREADS))
-                    .replace("when: {", "retry: {attempts: 1}, when: {"))
+                    .replace("        when: {", "        retry: {attempts: 1}\n        when: {"))
     log = open(WORK / "backlog.log", "w")
     proc = subprocess.Popen([str(actiongate), "-c", str(conf)], stdout=log, stderr=log,
                             env=dict(os.environ, RUST_LOG="warn"))

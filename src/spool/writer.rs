@@ -103,15 +103,26 @@ impl Writer {
             let started = Instant::now();
             let mut deltas = Deltas::default();
             let mut done = Vec::with_capacity(size);
-            match self.commit_batch(batch, &mut done, &mut deltas) {
+            let written = self.write_batch(batch, &mut done, &mut deltas);
+            if written.is_ok() {
+                // The index already holds the batch: gauges follow it now.
+                for (upstream, delta) in deltas.pending.drain() {
+                    self.metrics.pending_deliveries(&upstream).add(delta);
+                }
+                for (upstream, delta) in deltas.dead.drain() {
+                    self.metrics.dead_letters(&upstream).add(delta);
+                }
+                // A finished attempt needs no fsync before its answer: if a crash loses the
+                // record, the delivery is made again (at least once). Answering now frees the
+                // dispatcher's permit a whole fsync earlier.
+                let (finished, durable): (Vec<Done>, Vec<Done>) =
+                    done.into_iter().partition(|d| matches!(d, Done::Finish(_)));
+                finished.into_iter().for_each(|d| d.send(None));
+                done = durable;
+            }
+            match written.and_then(|wrote| self.sync(wrote)) {
                 Ok(()) => {
                     self.metrics.observe_spool_commit(size, started.elapsed());
-                    for (upstream, delta) in deltas.pending {
-                        self.metrics.pending_deliveries(&upstream).add(delta);
-                    }
-                    for (upstream, delta) in deltas.dead {
-                        self.metrics.dead_letters(&upstream).add(delta);
-                    }
                     for d in done {
                         d.send(None);
                     }
@@ -130,7 +141,7 @@ impl Writer {
                 }
             }
             if self.last_maintenance.elapsed() >= MAINTAIN_EVERY
-                || self.active_size >= SEGMENT_BYTES
+                || self.active_size >= self.segment_bytes
             {
                 if let Err(e) = self.maintain() {
                     log::error!("spool: maintenance failed: {e}; refusing further changes");
@@ -140,33 +151,39 @@ impl Writer {
         }
     }
 
-    fn commit_batch(
+    /// Encodes and applies a batch and writes it (not yet fsynced). Returns whether anything
+    /// was written.
+    fn write_batch(
         &mut self,
         batch: Vec<Op>,
         done: &mut Vec<Done>,
         deltas: &mut Deltas,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<bool, SpoolError> {
         if let Some(e) = self.inner.failure() {
             done.extend(batch.into_iter().map(Done::abandon));
             return Err(e);
         }
         let mut buf = Vec::with_capacity(batch.len() * 2048);
-        {
-            // Readers see the batch only once its bytes are in the file (page cache), so a
-            // delivery never points at bytes that are not there yet.
-            let mut state = self.inner.lock_state()?;
-            let now = now_ms();
-            for op in batch {
-                done.push(self.encode(&mut state, op, now, &mut buf, deltas));
-            }
-            if !buf.is_empty() {
-                self.active
-                    .write_all(&buf)
-                    .map_err(|e| SpoolError::Storage(format!("write: {e}")))?;
-                self.active_size += buf.len() as u64;
-            }
+        // Readers see the batch only once its bytes are in the file (page cache), so a
+        // delivery never points at bytes that are not there yet.
+        let mut state = self.inner.lock_state()?;
+        let now = now_ms();
+        for op in batch {
+            done.push(self.encode(&mut state, op, now, &mut buf, deltas));
         }
-        if !buf.is_empty() && self.commit == Commit::Durable {
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        self.active
+            .write_all(&buf)
+            .map_err(|e| SpoolError::Storage(format!("write: {e}")))?;
+        self.active_size += buf.len() as u64;
+        Ok(true)
+    }
+
+    /// Makes a written batch durable.
+    fn sync(&mut self, wrote: bool) -> Result<(), SpoolError> {
+        if wrote && self.commit == Commit::Durable {
             self.active
                 .sync_data()
                 .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))?;
@@ -311,6 +328,9 @@ impl Writer {
         }
         let now = now_ms();
         let mut state = self.inner.lock_state()?;
+        // Every segment is known to the index, even one holding only attempt records, so that
+        // it is deleted once nothing in it is needed.
+        state.segments.entry(self.active_number).or_default();
         state.purge_expired_dedup(now, 100_000);
         let finished: Vec<u64> = state
             .segments
