@@ -10,6 +10,14 @@ pub mod upstream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The first value of header `name` (case-insensitive) in a parsed header list.
+pub fn find_header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// A fixture's bytes, from tests/fixtures.
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
