@@ -103,6 +103,12 @@ impl ServeHttp for Admin {
                         StatusCode::SERVICE_UNAVAILABLE,
                         json!({"status": "draining"}),
                     )
+                } else if let Some(e) = self.spool.failure() {
+                    // Events can no longer be stored: a load balancer should send them elsewhere.
+                    json_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "spool failed", "message": e.to_string()}),
+                    )
                 } else if !self.listeners_up().await {
                     json_reply(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -146,6 +146,12 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
         if lifecycle.is_draining() {
             return;
         }
+        if spool.failure().is_some() {
+            // Results could not be recorded, so every attempt would be made again at once:
+            // hold off rather than hammer the upstream (the failure is logged and in /readyz).
+            tokio::time::sleep(ERROR_PAUSE).await;
+            continue;
+        }
         // Register for wake-ups before looking, so that a commit in between is not missed.
         let work = spool.work_notified();
         let finished = lane.finished.notified();

@@ -369,3 +369,25 @@ async fn finished_segments_are_deleted_and_their_dedup_keys_carried_forward() {
     assert_eq!(pending.len(), 1);
     assert_eq!(spool.load(pending[0]).unwrap().unwrap().0.event_id, "s4");
 }
+
+#[tokio::test]
+async fn after_a_failed_write_every_change_is_refused_and_the_failure_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = open(dir.path());
+    spool.append(event("f1")).await.unwrap();
+    assert_eq!(spool.failure(), None);
+    // What the writer does when write() or fdatasync() fails.
+    let failure = SpoolError::Storage("fsync: No space left on device".into());
+    spool.shared.inner.fail(&failure);
+    assert_eq!(spool.failure(), Some(failure.clone()));
+    assert_eq!(spool.append(event("f2")).await, Err(failure.clone()));
+    let id = spool.due("a/up1", now_ms(), 1, &none()).unwrap()[0];
+    let delivered = Finish::Delivered {
+        at_ms: now_ms(),
+        status: 200,
+    };
+    assert_eq!(spool.finish(id, delivered).await, Err(failure));
+    // Nothing changed: reads still see what was stored before the failure.
+    assert_eq!(spool.counts().unwrap().events, 1);
+    assert_eq!(spool.due("a/up1", now_ms(), 10, &none()).unwrap(), vec![id]);
+}
