@@ -161,8 +161,9 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
 
         let now = now_ms();
         let free = lane.permits.available_permits();
+        // What is in flight, read once per pass; ids started below are added to it.
+        let mut skip = lane.in_flight_ids();
         if free > 0 {
-            let skip = lane.in_flight_ids();
             match spool.due(&lane.key, now, free, &skip) {
                 Ok(ids) => {
                     for id in ids {
@@ -170,6 +171,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
                             break;
                         };
                         lane.mark_in_flight(id);
+                        skip.insert(id);
                         tokio::spawn(attempt_task(
                             lane.clone(),
                             spool.clone(),
@@ -189,7 +191,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
 
         // Sleep until the next delivery is due, new work arrives, or a permit frees up.
         let wait = if lane.permits.available_permits() > 0 {
-            match spool.next_due_ms(&lane.key, &lane.in_flight_ids()) {
+            match spool.next_due_ms(&lane.key, &skip) {
                 Ok(Some(due)) => {
                     Duration::from_millis(due.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
                 }
