@@ -161,25 +161,11 @@ def main():
         results["nginx return 200"] = wrk(f"http://127.0.0.1:{nginx_port}/actions/restart-host")
         results["nginx return 200"]["rss_kib"] = peak_rss_kib(pids)
 
-        port = free_port()
-        proc = subprocess.Popen([str(responder), f"127.0.0.1:{port}", str(SERVER_THREADS)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(port)
-            results["bare Pingora"] = wrk(f"http://127.0.0.1:{port}/actions/restart-host")
-            results["bare Pingora"]["rss_kib"] = peak_rss_kib([proc.pid])
-        finally:
-            stop(proc)
-
-        port = free_port()
-        proc = subprocess.Popen(["webhook", "-hooks", str(HERE / "hooks.json"), "-ip", "127.0.0.1",
-                                 "-port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_port(port)
-            results["adnanh/webhook"] = wrk(f"http://127.0.0.1:{port}/hooks/restart-host")
-            results["adnanh/webhook"]["rss_kib"] = peak_rss_kib([proc.pid])
-        finally:
-            stop(proc)
+        results["bare Pingora"] = measure_peer(
+            lambda port: [str(responder), f"127.0.0.1:{port}", str(SERVER_THREADS)], "/actions/restart-host")
+        results["adnanh/webhook"] = measure_peer(
+            lambda port: ["webhook", "-hooks", str(HERE / "hooks.json"), "-ip", "127.0.0.1", "-port", str(port)],
+            "/hooks/restart-host")
 
         port, admin = free_port(), free_port()
         spool = WORK / "spool"
@@ -217,6 +203,19 @@ def main():
 
     backlog = backlog_phase(actiongate) if BACKLOG else None
     report(results, backlog)
+
+
+def measure_peer(command, path):
+    """Starts a peer on a free port (command(port) gives its argv), loads it, stops it."""
+    port = free_port()
+    proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        result = wrk(f"http://127.0.0.1:{port}{path}")
+        result["rss_kib"] = peak_rss_kib([proc.pid])
+        return result
+    finally:
+        stop(proc)
 
 
 def backlog_phase(actiongate):
