@@ -493,6 +493,20 @@ async fn logging_gateway(format: &str) -> (support::gateway::Gateway, support::u
             1.0,
         )
         .await;
+    // A request's line is written after its answer (ack_ms includes the write): wait for both.
+    support::eventually(
+        "both request log lines",
+        std::time::Duration::from_secs(10),
+        || {
+            let logs = gateway.logs();
+            let lines = logs
+                .lines()
+                .filter(|l| l.contains("actiongate::request"))
+                .count();
+            (lines >= 2).then_some(())
+        },
+    )
+    .await;
     (gateway, upstream)
 }
 
