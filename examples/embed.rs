@@ -90,8 +90,32 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(1);
     });
-    // Let SIGTERM/SIGINT drain actiongate's in-flight work before Pingora stops.
+    // Let SIGTERM/SIGINT drain actiongate's in-flight work before Pingora stops, and SIGHUP
+    // reload actiongate's part of the config.
+    let reload = ReloadActions {
+        gate: gate.clone(),
+        conf: conf.into(),
+    };
     server.run(RunArgs {
-        shutdown_signal: Box::new(gate.drain_on_signal(Some(conf.into()))),
+        shutdown_signal: Box::new(gate.drain_on_signal().on_hangup(reload)),
     });
+}
+
+/// SIGHUP: re-read the file and put its actions in force; keep the old ones if it is wrong.
+struct ReloadActions {
+    gate: ActionGate,
+    conf: std::path::PathBuf,
+}
+
+#[async_trait]
+impl actiongate::lifecycle::OnHangup for ReloadActions {
+    async fn hangup(&self) {
+        let result = match Config::load(&self.conf) {
+            Ok(config) => self.gate.reload(config).await,
+            Err(problems) => Err(problems.to_string()),
+        };
+        if let Err(why) = result {
+            log::error!("reload refused: {why}");
+        }
+    }
 }

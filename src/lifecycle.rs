@@ -14,6 +14,8 @@ use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
+use crate::ActionGate;
+
 /// Shared by the ingress, the dispatcher, the admin listener and the signal handler.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
@@ -108,31 +110,10 @@ impl Lifecycle {
     }
 }
 
-impl DrainOnSignal {
-    /// SIGHUP: live reload is not implemented yet, so the gateway keeps running as it is and
-    /// says whether the file on disk would start cleanly.
-    fn check_config(&self) {
-        let Some(path) = &self.config_path else {
-            log::warn!("SIGHUP ignored: live reload is not implemented");
-            return;
-        };
-        match crate::config::Config::load(path) {
-            Ok(_) => log::warn!(
-                "SIGHUP: {} is valid, but live reload is not implemented yet; restart to apply it \
-                 (accepted events stay in the spool across a restart)",
-                path.display()
-            ),
-            Err(problems) => {
-                for problem in &problems.0 {
-                    log::error!("SIGHUP: {}: {problem}", path.display());
-                }
-                log::error!(
-                    "SIGHUP: {} has problems; still running on the configuration loaded at start",
-                    path.display()
-                );
-            }
-        }
-    }
+/// What SIGHUP does; the stand-alone gateway reloads its config file (`reload.rs`).
+#[async_trait]
+pub trait OnHangup: Send + Sync {
+    async fn hangup(&self);
 }
 
 /// Pingora's shutdown trigger, replaced so that SIGTERM and SIGINT both drain first.
@@ -141,10 +122,24 @@ impl DrainOnSignal {
 /// unconditionally; draining here instead lets an idle gateway stop in milliseconds and a busy
 /// one take exactly as long as its in-flight work needs, up to the grace period.
 pub struct DrainOnSignal {
-    pub lifecycle: Arc<Lifecycle>,
-    pub grace: Duration,
-    /// The config file, re-checked on SIGHUP.
-    pub config_path: Option<std::path::PathBuf>,
+    gate: ActionGate,
+    on_hangup: Option<Box<dyn OnHangup>>,
+}
+
+impl DrainOnSignal {
+    pub fn new(gate: ActionGate) -> DrainOnSignal {
+        DrainOnSignal {
+            gate,
+            on_hangup: None,
+        }
+    }
+
+    /// Runs `handler` on SIGHUP. Without one, SIGHUP is logged and ignored (its default
+    /// action would kill the process without draining).
+    pub fn on_hangup(mut self, handler: impl OnHangup + 'static) -> DrainOnSignal {
+        self.on_hangup = Some(Box::new(handler));
+        self
+    }
 }
 
 #[async_trait]
@@ -159,23 +154,27 @@ impl ShutdownSignalWatch for DrainOnSignal {
             log::error!("cannot install signal handlers; shutting down");
             return ShutdownSignal::FastShutdown;
         };
+        let lifecycle = self.gate.lifecycle();
         let name = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = quit.recv() => {
                     log::info!("SIGQUIT: handing listeners over for a graceful upgrade");
-                    self.lifecycle.begin_drain();
+                    lifecycle.begin_drain();
                     return ShutdownSignal::GracefulUpgrade;
                 }
-                // SIGHUP's default action would kill the process without draining: handle it.
-                _ = hup.recv() => self.check_config(),
+                _ = hup.recv() => match &self.on_hangup {
+                    Some(handler) => handler.hangup().await,
+                    None => log::warn!("SIGHUP ignored: no reload handler is installed"),
+                },
             }
         };
-        log::info!("{name}: draining (grace period {:?})", self.grace);
-        self.lifecycle.begin_drain();
-        let finished = self.lifecycle.drained(self.grace).await;
-        let (requests, deliveries) = self.lifecycle.in_flight();
+        let grace = self.gate.config().server.grace_period;
+        log::info!("{name}: draining (grace period {grace:?})");
+        lifecycle.begin_drain();
+        let finished = lifecycle.drained(grace).await;
+        let (requests, deliveries) = lifecycle.in_flight();
         if finished {
             log::info!("drained; stopping");
         } else {

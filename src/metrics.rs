@@ -47,6 +47,8 @@ pub struct Metrics {
     drift: IntCounterVec,
     forbidden_with_secret: IntCounterVec,
     in_flight: IntGaugeVec,
+    reloads: IntCounterVec,
+    reload_ok: IntGauge,
     commit_duration: Histogram,
     commit_batch: Histogram,
 }
@@ -198,10 +200,28 @@ impl Metrics {
                 "Action requests and delivery attempts in progress, read at scrape time.",
                 &["kind"],
             ),
+            reloads: counter(
+                "actiongate_config_reloads_total",
+                "Configuration reloads (SIGHUP), applied or refused.",
+                &["result"],
+            ),
+            reload_ok: {
+                let g = must(IntGauge::new(
+                    "actiongate_config_last_reload_successful",
+                    "1 while the running configuration is the file's last version; 0 after a \
+                     reload was refused, until one is applied.",
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g.set(1);
+                g
+            },
             commit_duration,
             commit_batch,
             registry,
         };
+        for result in ["applied", "refused"] {
+            metrics.reloads.with_label_values(&[result]);
+        }
         for outcome in Outcome::ALL {
             metrics
                 .requests
@@ -278,6 +298,13 @@ impl Metrics {
         self.in_flight
             .with_label_values(&["delivery"])
             .set(deliveries as i64);
+    }
+
+    /// Counts a SIGHUP reload and whether the running config now matches the file.
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.with_label_values(&[result]).inc();
+        self.reload_ok.set(i64::from(applied));
     }
 
     pub fn observe_spool_commit(&self, batch: usize, took: Duration) {

@@ -4,8 +4,15 @@
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server};
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pingora_core::listeners::tls::TlsSettings;
+
 use crate::config::Config;
 use crate::proxy::EdgeProxy;
+use crate::reload::Reloader;
+use crate::tls::ListenerCert;
 use crate::ActionGate;
 
 /// What the command line asks of Pingora.
@@ -21,7 +28,9 @@ pub struct Mode {
 pub struct Gateway {
     pub server: Server,
     pub gate: ActionGate,
-    /// Re-checked on SIGHUP.
+    /// The certificate of each TLS listener, replaced on reload.
+    certs: Vec<(SocketAddr, Arc<ListenerCert>)>,
+    /// Reloaded on SIGHUP.
     pub config_path: Option<std::path::PathBuf>,
 }
 
@@ -64,17 +73,24 @@ impl Gateway {
             },
             "actiongate",
         );
+        let mut certs = Vec::new();
         for listener in &listeners {
             let addr = listener.addr.to_string();
             match &listener.tls {
                 None => proxy.add_tcp(&addr),
-                Some(tls) => proxy
-                    .add_tls(
-                        &addr,
+                Some(tls) => {
+                    // A resolver rather than file paths, so that a reload can swap the
+                    // certificate under a running listener.
+                    let cert = ListenerCert::new(tls.certified.clone());
+                    let mut settings = TlsSettings::intermediate(
                         &tls.cert.to_string_lossy(),
                         &tls.key.to_string_lossy(),
                     )
-                    .map_err(|e| format!("listen {addr}: {e}"))?,
+                    .map_err(|e| format!("listen {addr}: {e}"))?;
+                    settings.set_cert_resolver(cert.clone());
+                    proxy.add_tls_with_settings(&addr, None, settings);
+                    certs.push((listener.addr, cert));
+                }
             }
         }
         server.add_service(proxy);
@@ -82,14 +98,23 @@ impl Gateway {
         Ok(Gateway {
             server,
             gate,
+            certs,
             config_path: None,
         })
     }
 
-    /// Runs until a signal stops it.
+    /// Runs until a signal stops it. With `config_path` set, SIGHUP reloads that file.
     pub fn run(self) {
+        let mut signal = self.gate.drain_on_signal();
+        if let Some(path) = self.config_path {
+            signal = signal.on_hangup(Reloader {
+                gate: self.gate.clone(),
+                path,
+                certs: self.certs,
+            });
+        }
         let args = RunArgs {
-            shutdown_signal: Box::new(self.gate.drain_on_signal(self.config_path)),
+            shutdown_signal: Box::new(signal),
         };
         self.server.run(args);
     }

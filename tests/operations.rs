@@ -2,6 +2,9 @@
 
 mod support;
 
+#[path = "operations/reload.rs"]
+mod reload;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -587,46 +590,4 @@ async fn logfmt_logs_are_key_value_lines_without_secrets() {
     }
     assert!(logs.lines().all(|l| l.starts_with("ts=")), "{logs}");
     assert_no_secrets_or_payload(&logs);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_checks_the_config_and_keeps_serving_whatever_it_finds() {
-    use std::time::Duration;
-    let upstream = support::upstream::Upstream::ok().await;
-    let yaml = format!(
-        "sources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], upstreams: [{{name: up, url: \"{}\"}}]}}\n",
-        upstream.url("/")
-    );
-    let gateway = support::gateway::Gateway::start(&yaml).await;
-    gateway.signal("-HUP");
-    support::eventually("the SIGHUP verdict", Duration::from_secs(10), || {
-        gateway
-            .logs()
-            .contains("is valid, but live reload is not implemented yet")
-            .then_some(())
-    })
-    .await;
-
-    let config = std::fs::read_to_string(gateway.config_path()).unwrap();
-    std::fs::write(
-        gateway.config_path(),
-        config.replace("allow: [local]", "allow: [locl]"),
-    )
-    .unwrap();
-    gateway.signal("-HUP");
-    support::eventually("the SIGHUP problems", Duration::from_secs(10), || {
-        let logs = gateway.logs();
-        (logs.contains("actions[0].allow[0]: unknown source \"locl\"")
-            && logs.contains("still running on the configuration loaded at start"))
-        .then_some(())
-    })
-    .await;
-    let response = support::client::Request::post_json("/act", &support::event_with_id("hup-1"))
-        .send(gateway.addr)
-        .await;
-    assert_eq!(
-        response.status, 200,
-        "still serving with the configuration it started with"
-    );
-    assert_eq!(support::gateway::readyz(gateway.admin).await, Some(200));
 }

@@ -82,6 +82,8 @@ pub struct Listener {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The chain and key as read and checked at load: what the listener presents.
+    pub certified: std::sync::Arc<pingora_rustls::sign::CertifiedKey>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -296,9 +298,12 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
                 format!("listen[{i}].tls.key"),
                 check_pem(&tls.key, "PRIVATE KEY"),
             );
+            let (cert, key) = (cert?, key?);
+            let certified = check.ok(format!("listen[{i}].tls"), crate::tls::load(&cert, &key))?;
             Some(TlsFiles {
-                cert: cert?,
-                key: key?,
+                cert,
+                key,
+                certified,
             })
         });
         listen.push(Listener { addr, tls });

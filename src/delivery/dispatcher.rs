@@ -6,14 +6,17 @@
 //! in flight); only the attempt's recorded result moves or removes it. A crash mid-attempt
 //! therefore leaves it due, and it is tried again after the restart: at least once.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
 
 use super::retry::{AttemptOutcome, Decision};
 use super::{client, request, DeliveryOutcome};
@@ -27,33 +30,71 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Pause after a spool read error before trying again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
-/// Runs every lane; a Pingora background service.
+/// Runs every lane. Shared by the background service that runs it and by reloads, which add,
+/// change and retire lanes while it runs.
 pub struct Dispatcher {
     spool: Spool,
-    lanes: Vec<Arc<Lane>>,
+    metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
+    /// The client (and so the connection pool) of every upstream with default TLS settings.
+    shared_client: reqwest::Client,
+    /// Every lane whose task runs, retired ones included until they have let go.
+    lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// Where lane tasks run; set when the service starts.
+    runtime: OnceLock<Handle>,
+}
+
+/// The background service that runs a [`Dispatcher`].
+pub struct DispatcherService(pub Arc<Dispatcher>);
+
+/// A lane's settings, replaced as a whole on reload; an attempt uses the ones it started with.
+struct LaneConf {
+    upstream: Upstream,
+    client: reqwest::Client,
 }
 
 struct Lane {
     key: String,
     action: String,
-    upstream: Upstream,
-    client: reqwest::Client,
-    permits: Arc<Semaphore>,
+    conf: ArcSwap<LaneConf>,
+    /// Deliveries with an attempt running; at most `upstream.concurrency` of them.
     in_flight: Mutex<HashSet<u64>>,
-    /// Woken when an attempt of this lane finishes (a permit is free again).
-    finished: Notify,
+    /// Woken when an attempt finishes or the lane's settings change.
+    changed: Notify,
+    /// No longer configured: start no attempt, let the running ones finish.
+    retired: AtomicBool,
+    started: AtomicBool,
+    /// Set once a retired lane has let go of its deliveries; its task then ends.
+    stopped: AtomicBool,
     metrics: UpstreamMetrics,
 }
+
+/// Lane settings built from a new config, checked before anything is swapped.
+pub struct Prepared(Vec<(String, String, LaneConf)>);
 
 impl Dispatcher {
     pub fn new(
         config: &Config,
         spool: Spool,
-        metrics: &Metrics,
+        metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
-    ) -> Result<Dispatcher, String> {
-        let shared = client::build(None)?;
+    ) -> Result<Arc<Dispatcher>, String> {
+        let dispatcher = Arc::new(Dispatcher {
+            spool,
+            metrics,
+            lifecycle,
+            shared_client: client::build(None)?,
+            lanes: Mutex::new(HashMap::new()),
+            runtime: OnceLock::new(),
+        });
+        let prepared = dispatcher.prepare(config)?;
+        dispatcher.apply(prepared);
+        Ok(dispatcher)
+    }
+
+    /// Builds the lanes' settings for `config`; fails (changing nothing) if a client cannot be
+    /// built, e.g. an upstream's `ca_file` became unreadable.
+    pub fn prepare(&self, config: &Config) -> Result<Prepared, String> {
         let mut lanes = Vec::new();
         for action in &config.actions {
             for upstream in &action.upstreams {
@@ -61,89 +102,164 @@ impl Dispatcher {
                     client::build(Some(upstream))
                         .map_err(|e| format!("{}/{}: {e}", action.name, upstream.name))?
                 } else {
-                    shared.clone()
+                    self.shared_client.clone()
                 };
-                lanes.push(Arc::new(Lane {
-                    key: lane_key(&action.name, &upstream.name),
-                    action: action.name.clone(),
+                let conf = LaneConf {
                     upstream: upstream.clone(),
                     client,
-                    permits: Arc::new(Semaphore::new(upstream.concurrency)),
-                    in_flight: Mutex::new(HashSet::new()),
-                    finished: Notify::new(),
-                    metrics: metrics.for_upstream(&action.name, &upstream.name),
-                }));
+                };
+                lanes.push((action.name.clone(), upstream.name.clone(), conf));
             }
         }
-        Ok(Dispatcher {
-            spool,
-            lanes,
-            lifecycle,
-        })
+        Ok(Prepared(lanes))
+    }
+
+    /// Puts `prepared` in force: new lanes start, existing ones take their new settings from
+    /// their next attempt on, and lanes no longer configured are retired. Returns the keys of
+    /// the lanes retired, for [`Dispatcher::let_go`].
+    pub fn apply(self: &Arc<Self>, prepared: Prepared) -> Vec<String> {
+        let mut lanes = self.lanes();
+        let mut configured = HashSet::new();
+        for (action, upstream, conf) in prepared.0 {
+            let key = lane_key(&action, &upstream);
+            configured.insert(key.clone());
+            if let Some(lane) = lanes.get(&key) {
+                lane.conf.store(Arc::new(conf));
+                lane.retired.store(false, Ordering::Release);
+                lane.changed.notify_waiters();
+                continue;
+            }
+            let lane = Arc::new(Lane {
+                key: key.clone(),
+                metrics: self.metrics.for_upstream(&action, &upstream),
+                action,
+                conf: ArcSwap::from_pointee(conf),
+                in_flight: Mutex::new(HashSet::new()),
+                changed: Notify::new(),
+                retired: AtomicBool::new(false),
+                started: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+            });
+            lanes.insert(key, lane.clone());
+            if let Some(runtime) = self.runtime.get() {
+                self.start(runtime, lane);
+            }
+        }
+        let mut retired = Vec::new();
+        for (key, lane) in lanes.iter() {
+            if !configured.contains(key) && !lane.retired.swap(true, Ordering::AcqRel) {
+                lane.changed.notify_waiters();
+                retired.push(key.clone());
+            }
+        }
+        retired
+    }
+
+    /// Ends retired lanes once nothing can add to them: their running attempts have finished
+    /// and the caller has made sure that no request still routes to them. What they still
+    /// hold goes to dead letters, where an operator sees it, rather than waiting forever.
+    pub async fn let_go(&self, keys: Vec<String>) {
+        for key in keys {
+            let Some(lane) = self.lanes().get(&key).cloned() else {
+                continue;
+            };
+            lane.idle().await;
+            {
+                let mut lanes = self.lanes();
+                // Configured again by a later reload: it carries on.
+                if !lane.retired.load(Ordering::Acquire) {
+                    continue;
+                }
+                lanes.remove(&key);
+            }
+            lane.stopped.store(true, Ordering::Release);
+            lane.changed.notify_waiters();
+            self.dead_letter_lane(&key).await;
+        }
     }
 
     /// Runs the lanes until draining begins. Attempts in flight then carry on by themselves
     /// for the grace period.
-    pub async fn run(&self) {
+    pub async fn run(self: &Arc<Self>) {
         self.dead_letter_orphans().await;
-        let mut tasks = tokio::task::JoinSet::new();
-        for lane in &self.lanes {
-            tasks.spawn(run_lane(
-                lane.clone(),
-                self.spool.clone(),
-                self.lifecycle.clone(),
-            ));
+        let runtime = self.runtime.get_or_init(Handle::current);
+        let lanes: Vec<Arc<Lane>> = self.lanes().values().cloned().collect();
+        for lane in lanes {
+            self.start(runtime, lane);
         }
-        while tasks.join_next().await.is_some() {}
+        self.lifecycle.draining().await;
     }
 
-    /// Deliveries whose (action, upstream) left the config cannot be sent anywhere: they go
-    /// to dead letters, where an operator sees them, rather than waiting forever.
+    fn start(self: &Arc<Self>, runtime: &Handle, lane: Arc<Lane>) {
+        if !lane.started.swap(true, Ordering::AcqRel) {
+            runtime.spawn(run_lane(lane, self.spool.clone(), self.lifecycle.clone()));
+        }
+    }
+
+    fn lanes(&self) -> MutexGuard<'_, HashMap<String, Arc<Lane>>> {
+        // A panic while holding this lock leaves the map itself intact.
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deliveries whose (action, upstream) left the config while the gateway was stopped.
     async fn dead_letter_orphans(&self) {
-        let known: HashSet<&str> = self.lanes.iter().map(|l| l.key.as_str()).collect();
-        let lanes = match self.spool.pending_lanes() {
+        let pending = match self.spool.pending_lanes() {
             Ok(lanes) => lanes,
             Err(e) => {
                 log::error!("cannot list pending deliveries: {e}");
                 return;
             }
         };
-        for lane in lanes.keys().filter(|l| !known.contains(l.as_str())) {
-            let ids = self
-                .spool
-                .due(lane, u64::MAX, usize::MAX, &HashSet::new())
-                .unwrap_or_default();
-            log::warn!(
-                "{} deliveries for {lane}, which is no longer configured, go to dead letters",
-                ids.len()
-            );
-            for id in ids {
-                let finish = Finish::Dead {
-                    at_ms: now_ms(),
-                    error: format!("{lane} is no longer configured"),
-                    status: None,
-                    attempted: false,
-                };
-                if let Err(e) = self.spool.finish(id, finish).await {
-                    log::error!("cannot dead-letter delivery {id}: {e}");
-                }
+        let orphans: Vec<String> = {
+            let lanes = self.lanes();
+            pending
+                .into_keys()
+                .filter(|key| !lanes.contains_key(key))
+                .collect()
+        };
+        for key in orphans {
+            self.dead_letter_lane(&key).await;
+        }
+    }
+
+    async fn dead_letter_lane(&self, key: &str) {
+        let ids = self
+            .spool
+            .due(key, u64::MAX, usize::MAX, &HashSet::new())
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return;
+        }
+        log::warn!(
+            "{} deliveries for {key}, which is no longer configured, go to dead letters",
+            ids.len()
+        );
+        for id in ids {
+            let finish = Finish::Dead {
+                at_ms: now_ms(),
+                error: format!("{key} is no longer configured"),
+                status: None,
+                attempted: false,
+            };
+            if let Err(e) = self.spool.finish(id, finish).await {
+                log::error!("cannot dead-letter delivery {id}: {e}");
             }
         }
     }
 }
 
 #[async_trait]
-impl BackgroundService for Dispatcher {
+impl BackgroundService for DispatcherService {
     async fn start(&self, _shutdown: ShutdownWatch) {
         // Lanes stop on the lifecycle's drain, which begins before Pingora's shutdown watch
         // fires, so the watch is not needed here.
-        self.run().await;
+        self.0.run().await;
     }
 }
 
 async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
     loop {
-        if lifecycle.is_draining() {
+        if lifecycle.is_draining() || lane.stopped.load(Ordering::Acquire) {
             return;
         }
         if spool.failure().is_some() {
@@ -154,22 +270,19 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
         }
         // Register for wake-ups before looking, so that a commit in between is not missed.
         let work = spool.work_notified();
-        let finished = lane.finished.notified();
-        tokio::pin!(work, finished);
+        let changed = lane.changed.notified();
+        tokio::pin!(work, changed);
         work.as_mut().enable();
-        finished.as_mut().enable();
+        changed.as_mut().enable();
 
         let now = now_ms();
-        let free = lane.permits.available_permits();
         // What is in flight, read once per pass; ids started below are added to it.
         let mut skip = lane.in_flight_ids();
+        let free = lane.free(skip.len());
         if free > 0 {
             match spool.due(&lane.key, now, free, &skip) {
                 Ok(ids) => {
                     for id in ids {
-                        let Ok(permit) = lane.permits.clone().try_acquire_owned() else {
-                            break;
-                        };
                         lane.mark_in_flight(id);
                         skip.insert(id);
                         tokio::spawn(attempt_task(
@@ -177,7 +290,6 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
                             spool.clone(),
                             lifecycle.clone(),
                             id,
-                            permit,
                         ));
                     }
                 }
@@ -189,8 +301,8 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
             }
         }
 
-        // Sleep until the next delivery is due, new work arrives, or a permit frees up.
-        let wait = if lane.permits.available_permits() > 0 {
+        // Sleep until the next delivery is due, new work arrives, or an attempt finishes.
+        let wait = if lane.free(skip.len()) > 0 {
             match spool.next_due_ms(&lane.key, &skip) {
                 Ok(Some(due)) => {
                     Duration::from_millis(due.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
@@ -203,7 +315,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
         };
         tokio::select! {
             _ = &mut work => {}
-            _ = &mut finished => {}
+            _ = &mut changed => {}
             _ = tokio::time::sleep(wait) => {}
             _ = lifecycle.draining() => return,
         }
@@ -211,8 +323,24 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
 }
 
 impl Lane {
+    /// How many more attempts may start, with `running` in flight.
+    fn free(&self, running: usize) -> usize {
+        if self.retired.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.conf
+            .load()
+            .upstream
+            .concurrency
+            .saturating_sub(running)
+    }
+
     fn in_flight_ids(&self) -> HashSet<u64> {
         self.in_flight.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn in_flight_count(&self) -> usize {
+        self.in_flight.lock().map(|s| s.len()).unwrap_or_default()
     }
 
     fn mark_in_flight(&self, id: u64) {
@@ -226,26 +354,33 @@ impl Lane {
             set.remove(&id);
         }
     }
+
+    /// Waits until no attempt of this lane is running.
+    async fn idle(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.in_flight_count() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
 }
 
-async fn attempt_task(
-    lane: Arc<Lane>,
-    spool: Spool,
-    lifecycle: Arc<Lifecycle>,
-    id: u64,
-    permit: OwnedSemaphorePermit,
-) {
+async fn attempt_task(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>, id: u64) {
     let in_flight = lifecycle.delivery();
     deliver(&lane, &spool, id).await;
     lane.clear_in_flight(id);
-    drop(permit);
     drop(in_flight);
-    lane.finished.notify_waiters();
+    lane.changed.notify_waiters();
 }
 
 /// One step for delivery `id`: skip it, or attempt it and record the result.
 async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
-    let upstream = &lane.upstream;
+    let conf = lane.conf.load_full();
+    let upstream = &conf.upstream;
     let (record, raw) = match spool.load(id) {
         Ok(Some(found)) => found,
         Ok(None) => return, // finished meanwhile (e.g. replayed and delivered)
@@ -314,7 +449,7 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
     let body = request::body(upstream, &raw, payload.as_ref());
     let url = request::url(upstream, payload.as_ref());
     let started = Instant::now();
-    let (outcome, description) = client::attempt(&lane.client, upstream, url, headers, body).await;
+    let (outcome, description) = client::attempt(&conf.client, upstream, url, headers, body).await;
     let took = started.elapsed();
     lane.metrics.attempt_duration.observe(took.as_secs_f64());
 

@@ -202,25 +202,63 @@ pub async fn post_many(
     bodies: Vec<Vec<u8>>,
     connections: usize,
 ) -> Vec<u16> {
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    post_stream(to, path, bodies, connections, true, answered).await
+}
+
+/// POSTs each body to `path`, `connections` at a time, counting answers in `answered` as they
+/// arrive (so that a test can act at a point in the stream). With `keep_alive`, each worker
+/// uses one connection throughout; without, every request has a connection of its own.
+/// Returns the statuses in the order of `bodies`; 0 stands for a transport error.
+pub async fn post_stream(
+    to: SocketAddr,
+    path: &str,
+    bodies: Vec<Vec<u8>>,
+    connections: usize,
+    keep_alive: bool,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<u16> {
     let queue = std::sync::Arc::new(std::sync::Mutex::new(
-        bodies.into_iter().enumerate().collect::<Vec<_>>(),
+        bodies.into_iter().enumerate().rev().collect::<Vec<_>>(),
     ));
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let queue = queue.clone();
+        let answered = answered.clone();
         let path = path.to_string();
         tasks.push(tokio::spawn(async move {
-            let mut stream = connect(to, None).await;
+            let mut kept: Option<TcpStream> = None;
             let mut statuses = Vec::new();
             loop {
                 let next = queue.lock().expect("lock").pop();
                 let Some((i, body)) = next else { break };
-                let request = Request::post_json(&path, &body);
+                let mut request = Request::post_json(&path, &body);
+                if !keep_alive {
+                    request = request.header("Connection", "close");
+                }
                 let mut bytes = request.head(to);
                 bytes.extend_from_slice(&body);
-                stream.write_all(&bytes).await.expect("write");
-                let response = read_response(&mut stream).await.expect("response");
-                statuses.push((i, response.status));
+                let reused = kept.take();
+                let exchange = async {
+                    let mut stream = match reused {
+                        Some(stream) => stream,
+                        None => TcpStream::connect(to).await.map_err(|e| e.to_string())?,
+                    };
+                    stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    let response = read_response(&mut stream).await?;
+                    Ok::<_, String>((response.status, stream))
+                };
+                let status = match exchange.await {
+                    Ok((status, stream)) => {
+                        if keep_alive {
+                            kept = Some(stream);
+                        }
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                statuses.push((i, status));
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             statuses
         }));

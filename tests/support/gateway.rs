@@ -66,6 +66,13 @@ impl Gateway {
         self.dir.path().join("actiongate.yaml")
     }
 
+    /// Replaces everything but `listen`, `admin` and `spool` in the config file, for a reload.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let current = std::fs::read_to_string(self.config_path()).expect("config");
+        let preamble: String = current.lines().take(3).map(|l| format!("{l}\n")).collect();
+        std::fs::write(self.config_path(), preamble + yaml).expect("write config");
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir
             .path()

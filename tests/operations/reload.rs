@@ -1,0 +1,332 @@
+//! Live reload on SIGHUP: applied under a stream of requests without a failure or a lost
+//! event, refused whole when the file is wrong, certificates swapped under open connections.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::client::{self, Request};
+use crate::support::gateway::Gateway;
+use crate::support::tls::TestCa;
+use crate::support::upstream::Upstream;
+use crate::support::{event_with_id, eventually};
+
+const APPLIED: &str = "actiongate_config_reloads_total{result=\"applied\"}";
+const REFUSED: &str = "actiongate_config_reloads_total{result=\"refused\"}";
+const IN_SYNC: &str = "actiongate_config_last_reload_successful";
+
+/// A config with action `act` (and optionally `act2`) delivering to `upstreams`.
+fn actions(upstreams: &[(&str, &Upstream)], second_action: bool) -> String {
+    let upstreams: Vec<String> = upstreams
+        .iter()
+        .map(|(name, u)| format!("{{name: {name}, url: \"{}\"}}", u.url("/")))
+        .collect();
+    let upstreams = upstreams.join(", ");
+    let mut yaml = format!(
+        "sources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], upstreams: [{upstreams}]}}\n"
+    );
+    if second_action {
+        yaml.push_str(&format!(
+            "  - {{name: act2, path: /act2, allow: [local], upstreams: [{upstreams}]}}\n"
+        ));
+    }
+    yaml
+}
+
+fn event_ids(upstream: &Upstream) -> HashSet<String> {
+    upstream
+        .received()
+        .iter()
+        .filter_map(|r| r.header("x-actiongate-event-id").map(str::to_string))
+        .collect()
+}
+
+async fn dead_letter_events(gateway: &Gateway) -> HashSet<String> {
+    let response = client::get(gateway.admin, "/dead-letters?limit=10000").await;
+    response
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|d| d["event_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn wait_answered(answered: &AtomicUsize, n: usize) {
+    eventually(
+        &format!("{n} answers in the stream"),
+        Duration::from_secs(60),
+        || (answered.load(Ordering::SeqCst) >= n).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_under_a_request_stream_without_failing_or_losing_anything() {
+    let first = Upstream::ok().await;
+    let second = Upstream::ok().await;
+    let gateway = Gateway::start(&actions(&[("first", &first)], false)).await;
+    assert_eq!(
+        Request::post_json("/act2", &event_with_id("early"))
+            .send(gateway.addr)
+            .await
+            .status,
+        404,
+        "act2 is not configured yet"
+    );
+
+    // 600 events over 4 keep-alive connections; the config changes twice under them.
+    const EVENTS: usize = 600;
+    let ids: Vec<String> = (0..EVENTS).map(|i| format!("stream-{i}")).collect();
+    let bodies = ids.iter().map(|id| event_with_id(id)).collect();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let stream = tokio::spawn(client::post_stream(
+        gateway.addr,
+        "/act",
+        bodies,
+        4,
+        true,
+        answered.clone(),
+    ));
+
+    wait_answered(&answered, 100).await;
+    gateway.rewrite_config(&actions(&[("first", &first), ("second", &second)], true));
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 1.0).await;
+    let after_first_reload = answered.load(Ordering::SeqCst);
+    // The new action answers while the stream goes on.
+    let response = Request::post_json("/act2", &event_with_id("second-action"))
+        .send(gateway.addr)
+        .await;
+    assert_eq!(response.status, 200, "{:?}", response.json());
+
+    wait_answered(&answered, after_first_reload + 100).await;
+    gateway.rewrite_config(&actions(&[("second", &second)], false));
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 2.0).await;
+
+    let statuses = stream.await.expect("stream");
+    let failed: Vec<(usize, u16)> = statuses
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, s)| *s != 200)
+        .collect();
+    assert!(failed.is_empty(), "requests not accepted: {failed:?}");
+
+    // Sent after the second reload: to `second` only.
+    let late: Vec<String> = (0..20).map(|i| format!("late-{i}")).collect();
+    for id in &late {
+        let response = Request::post_json("/act", &event_with_id(id))
+            .send(gateway.addr)
+            .await;
+        assert_eq!(response.status, 200);
+    }
+    assert_eq!(
+        Request::post_json("/act2", &event_with_id("gone"))
+            .send(gateway.addr)
+            .await
+            .status,
+        404,
+        "act2 was removed again"
+    );
+
+    // Every accepted event reached an upstream (or, for `first` once it was removed, a dead
+    // letter an operator can replay): nothing is lost.
+    let everything: HashSet<String> = ids
+        .iter()
+        .chain(&late)
+        .cloned()
+        .chain(["second-action".to_string()])
+        .collect();
+    crate::support::eventually_async(Duration::from_secs(30), || async {
+        let mut reached = dead_letter_events(&gateway).await;
+        reached.extend(event_ids(&first));
+        reached.extend(event_ids(&second));
+        everything.is_subset(&reached).then_some(())
+    })
+    .await;
+    let to_first = event_ids(&first);
+    assert!(
+        late.iter().all(|id| !to_first.contains(id)),
+        "first was removed"
+    );
+    let to_second = event_ids(&second);
+    assert!(late.iter().all(|id| to_second.contains(id)));
+    assert!(to_second.contains("second-action"));
+    assert_eq!(gateway.metric(REFUSED).await, 0.0);
+    assert_eq!(gateway.metric(IN_SYNC).await, 1.0);
+    assert_eq!(
+        gateway
+            .metric("actiongate_requests_total{action=\"act\",outcome=\"accepted\"}")
+            .await,
+        (EVENTS + late.len()) as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_reload_is_refused_whole_and_the_running_config_kept() {
+    let upstream = Upstream::ok().await;
+    let gateway = Gateway::start(&actions(&[("up", &upstream)], false)).await;
+    let good = std::fs::read_to_string(gateway.config_path()).unwrap();
+
+    // One good change (a second action) next to one bad one: nothing of it applies.
+    gateway.rewrite_config(
+        &actions(&[("up", &upstream)], true).replace("allow: [local]", "allow: [locl]"),
+    );
+    gateway.signal("-HUP");
+    gateway.wait_metric(REFUSED, 1.0).await;
+    let logs = gateway.logs();
+    assert!(
+        logs.contains("reload refused: ")
+            && logs.contains("actions[0].allow[0]: unknown source \"locl\"")
+            && logs.contains("still running on the previous configuration"),
+        "{logs}"
+    );
+    assert_eq!(gateway.metric(IN_SYNC).await, 0.0);
+    assert_eq!(gateway.metric(APPLIED).await, 0.0);
+    let kept = Request::post_json("/act", &event_with_id("kept-1"))
+        .send(gateway.addr)
+        .await;
+    assert_eq!(kept.status, 200, "still serving the old configuration");
+    let absent = Request::post_json("/act2", &event_with_id("kept-2"))
+        .send(gateway.addr)
+        .await;
+    assert_eq!(
+        absent.status, 404,
+        "the refused file's new action is not in force"
+    );
+    assert_eq!(
+        crate::support::gateway::readyz(gateway.admin).await,
+        Some(200)
+    );
+    upstream.wait_for(1, Duration::from_secs(20)).await;
+
+    // Fixed, it applies, and the gauge says the process runs the file again.
+    std::fs::write(gateway.config_path(), good).unwrap();
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 1.0).await;
+    assert_eq!(gateway.metric(IN_SYNC).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_drops_an_upstream_dead_letters_what_it_still_held() {
+    // `down` refuses connections and backs off for a minute: its deliveries wait in the spool.
+    let down_port = crate::support::free_port();
+    let up = Upstream::ok().await;
+    let yaml = format!(
+        "sources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], upstreams: [{{name: down, url: \"http://127.0.0.1:{down_port}/\", retry: {{attempts: 5, backoff: 1m}}}}]}}\n"
+    );
+    let gateway = Gateway::start(&yaml).await;
+    for i in 0..3 {
+        let response = Request::post_json("/act", &event_with_id(&format!("held-{i}")))
+            .send(gateway.addr)
+            .await;
+        assert_eq!(response.status, 200);
+    }
+    gateway
+        .wait_metric(
+            "actiongate_deliveries_total{action=\"act\",outcome=\"retried\",upstream=\"down\"}",
+            3.0,
+        )
+        .await;
+
+    gateway.rewrite_config(&actions(&[("up", &up)], false));
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 1.0).await;
+    gateway
+        .wait_metric("actiongate_dead_letters{upstream=\"down\"}", 3.0)
+        .await;
+    let response = client::get(gateway.admin, "/dead-letters").await;
+    let letters = response.json();
+    let letters = letters.as_array().expect("a list");
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in letters {
+        assert_eq!(letter["upstream"], "down");
+        assert_eq!(letter["last_error"], "act/down is no longer configured");
+    }
+    // New events go to the new upstream.
+    let response = Request::post_json("/act", &event_with_id("after"))
+        .send(gateway.addr)
+        .await;
+    assert_eq!(response.status, 200);
+    let got = up.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].header("x-actiongate-event-id"), Some("after"));
+}
+
+fn https_client(ca: &TestCa) -> reqwest::Client {
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.ca_pem.as_bytes()).unwrap())
+        .no_proxy()
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn post_https(client: &reqwest::Client, port: u16, id: &str) -> Result<u16, String> {
+    client
+        .post(format!("https://localhost:{port}/act"))
+        .header("Content-Type", "application/json")
+        .body(event_with_id(id))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_the_certificate_without_dropping_open_connections() {
+    let old_ca = TestCa::new();
+    let new_ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = old_ca.write(dir.path());
+    let upstream = Upstream::ok().await;
+    let listener = format!(
+        "tls: {{cert: \"{}\", key: \"{}\"}}",
+        cert.display(),
+        key.display()
+    );
+    let gateway =
+        Gateway::start_with_listener(&actions(&[("up", &upstream)], false), &[], &listener).await;
+    let port = gateway.addr.port();
+    let trusts_old = https_client(&old_ca);
+    assert_eq!(post_https(&trusts_old, port, "tls-1").await, Ok(200));
+
+    // A certificate with somebody else's key is refused; the old one stays.
+    std::fs::write(&cert, &new_ca.leaf_pem).unwrap();
+    gateway.signal("-HUP");
+    gateway.wait_metric(REFUSED, 1.0).await;
+    assert!(
+        gateway
+            .logs()
+            .contains("listen[0].tls: the key does not fit the certificate"),
+        "{}",
+        gateway.logs()
+    );
+    assert_eq!(
+        post_https(&https_client(&old_ca), port, "tls-2").await,
+        Ok(200)
+    );
+
+    std::fs::write(&key, &new_ca.leaf_key_pem).unwrap();
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 1.0).await;
+    // New handshakes get the new certificate...
+    assert_eq!(
+        post_https(&https_client(&new_ca), port, "tls-3").await,
+        Ok(200)
+    );
+    assert!(post_https(&https_client(&old_ca), port, "tls-4")
+        .await
+        .is_err());
+    // ...while the connection opened before the swap carries on: a new one could not have
+    // been made by a client that trusts only the old certificate.
+    assert_eq!(post_https(&trusts_old, port, "tls-5").await, Ok(200));
+    let got = upstream.wait_for(4, Duration::from_secs(20)).await;
+    let ids: HashSet<&str> = got
+        .iter()
+        .filter_map(|r| r.header("x-actiongate-event-id"))
+        .collect();
+    assert_eq!(ids, HashSet::from(["tls-1", "tls-2", "tls-3", "tls-5"]));
+}
