@@ -61,9 +61,20 @@ pub struct ActionGate {
 impl ActionGate {
     /// Opens the spool and prepares the request path. Fails if the spool cannot be opened.
     pub fn new(config: Config) -> Result<ActionGate, String> {
+        ActionGate::open(config, Duration::ZERO)
+    }
+
+    /// [`ActionGate::new`], waiting up to `spool_wait` for another process to let go of the
+    /// spool (the old process of a graceful upgrade).
+    pub fn open(config: Config, spool_wait: Duration) -> Result<ActionGate, String> {
         let metrics = Arc::new(Metrics::new(&config));
-        let spool = Spool::open(&config.spool_path, config.dedup_window, metrics.clone())
-            .map_err(|e| format!("spool.path: {e}"))?;
+        let spool = Spool::open_after(
+            &config.spool_path,
+            config.dedup_window,
+            metrics.clone(),
+            spool_wait,
+        )
+        .map_err(|e| format!("spool.path: {e}"))?;
         let lifecycle = Lifecycle::new();
         let ingress = Ingress::new(&config, spool.clone(), metrics.clone(), lifecycle.clone());
         let dispatcher =

@@ -19,9 +19,17 @@ use crate::ActionGate;
 /// Shared by the ingress, the dispatcher, the admin listener and the signal handler.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
+    /// New action requests are refused (503) and `/readyz` says so.
     draining: AtomicBool,
+    /// Lanes start no new attempt. Set with `draining`, or alone when a graceful upgrade
+    /// hands the work over to the next process while this one still answers.
+    deliveries_stopped: AtomicBool,
+    /// The main listener has stopped accepting and let go of idle connections.
+    listeners_closed: AtomicBool,
     requests: AtomicUsize,
     deliveries: AtomicUsize,
+    /// Connections open on the main listener (embedders' own listeners are not counted).
+    connections: AtomicUsize,
     changed: Notify,
 }
 
@@ -51,7 +59,38 @@ impl Lifecycle {
     /// Stops taking new work.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::Release);
+        self.stop_deliveries();
+    }
+
+    /// Stops starting delivery attempts; requests are still answered.
+    pub fn stop_deliveries(&self) {
+        self.deliveries_stopped.store(true, Ordering::Release);
         self.changed.notify_waiters();
+    }
+
+    pub fn deliveries_stopped(&self) -> bool {
+        self.deliveries_stopped.load(Ordering::Acquire)
+    }
+
+    /// Marks a connection on the main listener as open.
+    pub fn connection(&self) -> InFlight<'_> {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            lifecycle: self,
+            counter: &self.connections,
+        }
+    }
+
+    /// The main listener accepts no more connections and has closed the idle ones.
+    pub fn close_listeners(&self) {
+        self.listeners_closed.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether every connection the main listener accepted has been served and closed.
+    pub fn served(&self) -> bool {
+        self.listeners_closed.load(Ordering::Acquire)
+            && self.connections.load(Ordering::Acquire) == 0
     }
 
     /// Marks a request to an action path as in flight.
@@ -79,13 +118,13 @@ impl Lifecycle {
         )
     }
 
-    /// Resolves once draining has begun.
-    pub async fn draining(&self) {
+    /// Resolves once delivery attempts are to stop.
+    pub async fn deliveries_stopping(&self) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.is_draining() {
+            if self.deliveries_stopped() {
                 return;
             }
             changed.await;
@@ -160,8 +199,10 @@ impl ShutdownSignalWatch for DrainOnSignal {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = quit.recv() => {
-                    log::info!("SIGQUIT: handing listeners over for a graceful upgrade");
-                    lifecycle.begin_drain();
+                    // No drain here: Pingora first hands the listeners over, then keeps
+                    // serving on them beside the new process for a few seconds. Refusing
+                    // requests in that window would fail them for nothing.
+                    log::info!("SIGQUIT: handing the listeners over for a graceful upgrade");
                     return ShutdownSignal::GracefulUpgrade;
                 }
                 _ = hup.recv() => match &self.on_hangup {

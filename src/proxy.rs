@@ -11,7 +11,13 @@ use crate::ActionGate;
 
 pub struct EdgeProxy {
     pub gate: ActionGate,
-    pub fallback: Option<Fallback>,
+}
+
+impl EdgeProxy {
+    /// The fallback in force (a reload may change it).
+    fn fallback(&self) -> Option<Fallback> {
+        self.gate.config().fallback.clone()
+    }
 }
 
 #[async_trait]
@@ -28,7 +34,7 @@ impl ProxyHttp for EdgeProxy {
         if self.gate.handle(session.as_downstream_mut()).await? {
             return Ok(true);
         }
-        if self.fallback.is_none() {
+        if self.fallback().is_none() {
             self.gate
                 .answer_unknown(session.as_downstream_mut())
                 .await?;
@@ -42,7 +48,7 @@ impl ProxyHttp for EdgeProxy {
         _session: &mut Session,
         _ctx: &mut (),
     ) -> pingora_core::Result<Box<HttpPeer>> {
-        let Some(fallback) = &self.fallback else {
+        let Some(fallback) = self.fallback() else {
             // request_filter answered every request when there is no fallback.
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -52,7 +58,7 @@ impl ProxyHttp for EdgeProxy {
         Ok(Box::new(HttpPeer::new(
             fallback.addr,
             fallback.tls,
-            fallback.host.clone(),
+            fallback.host,
         )))
     }
 }

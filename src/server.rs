@@ -6,14 +6,29 @@ use pingora_core::server::{RunArgs, Server};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::Stream;
+use pingora_core::server::{ExecutionPhase, ShutdownWatch};
+use pingora_core::services::listening::Service;
+use pingora_proxy::HttpProxy;
+use tokio::sync::broadcast;
 
 use pingora_core::listeners::tls::TlsSettings;
 
 use crate::config::Config;
+use crate::lifecycle::Lifecycle;
 use crate::proxy::EdgeProxy;
 use crate::reload::Reloader;
 use crate::tls::ListenerCert;
 use crate::ActionGate;
+
+/// How long the new process of a graceful upgrade waits for the old one to let go of the
+/// spool: the old one serves for Pingora's 5 s close timeout after handing over the
+/// listeners, then gets 1 s for its runtimes to stop.
+const UPGRADE_SPOOL_WAIT: Duration = Duration::from_secs(60);
 
 /// What the command line asks of Pingora.
 #[derive(Debug, Clone, Copy, Default)]
@@ -46,9 +61,11 @@ impl Gateway {
         };
         let conf = ServerConf {
             threads: config.server.threads,
-            // Draining happens in our own signal handler (lifecycle.rs) before Pingora starts
-            // its shutdown, so Pingora's unconditional sleep is not needed.
-            grace_period_seconds: Some(0),
+            // Pingora sleeps this long after closing its listeners, unconditionally, before
+            // stopping the runtimes. SIGTERM has drained by then (lifecycle.rs) and the exit
+            // watcher below ends the process as soon as the last connection is served, so
+            // this is only the bound for requests still in flight at a graceful upgrade.
+            grace_period_seconds: Some(config.server.grace_period.as_secs().max(1)),
             graceful_shutdown_timeout_seconds: Some(1),
             pid_file: spool_dir
                 .join("actiongate.pid")
@@ -61,17 +78,30 @@ impl Gateway {
             ..ServerConf::default()
         };
         let listeners = config.listen.clone();
-        let fallback = config.fallback.clone();
-        let gate = ActionGate::new(config)?;
         let mut server = Server::new_with_opt_and_conf(opt, conf);
+        // With -u this receives the listening sockets from the running process, which keeps
+        // serving on them (and holding the spool) until it exits a few seconds later. The
+        // spool is opened only after that: connections meanwhile wait in the shared accept
+        // queue instead of being refused.
         server.bootstrap();
-        let mut proxy = pingora_proxy::http_proxy_service_with_name(
-            &server.configuration,
-            EdgeProxy {
-                gate: gate.clone(),
-                fallback,
+        let spool_wait = if mode.upgrade {
+            log::info!(
+                "listeners taken over; waiting for the previous process to let go of the spool"
+            );
+            UPGRADE_SPOOL_WAIT
+        } else {
+            Duration::ZERO
+        };
+        let gate = ActionGate::open(config, spool_wait)?;
+        let mut proxy = Service::new(
+            "actiongate".to_string(),
+            Connections {
+                proxy: Arc::new(pingora_proxy::http_proxy(
+                    &server.configuration,
+                    EdgeProxy { gate: gate.clone() },
+                )),
+                lifecycle: gate.lifecycle().clone(),
             },
-            "actiongate",
         );
         let mut certs = Vec::new();
         for listener in &listeners {
@@ -116,6 +146,77 @@ impl Gateway {
         let args = RunArgs {
             shutdown_signal: Box::new(signal),
         };
+        let phases = self.server.watch_execution_phase();
+        let gate = self.gate.clone();
+        std::thread::Builder::new()
+            .name("actiongate exit".into())
+            .spawn(move || exit_when_served(phases, gate))
+            .map_err(|e| {
+                log::warn!(
+                    "cannot start the exit watcher ({e}); shutdown waits the whole grace period"
+                )
+            })
+            .ok();
         self.server.run(args);
+    }
+}
+
+/// Ends the process as soon as every connection of the main listener has been served once
+/// Pingora has begun its shutdown, instead of after Pingora's fixed grace period. This is what
+/// lets a graceful upgrade's new process, waiting for the spool, start answering within
+/// milliseconds of the old one closing its listeners.
+fn exit_when_served(mut phases: broadcast::Receiver<ExecutionPhase>, gate: ActionGate) {
+    loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::ShutdownStarted) => break,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+    let lifecycle = gate.lifecycle();
+    let deadline = Instant::now() + gate.config().server.grace_period;
+    while !lifecycle.served() {
+        if Instant::now() >= deadline {
+            log::warn!("connections still open after the grace period; closing them");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    log::info!("every connection served; exiting");
+    // Acknowledged events are on disk (fsync before every 200); delivery attempts cut here
+    // are made again by the next process, with the same Idempotency-Key.
+    std::process::exit(0);
+}
+
+/// The main listener's application: Pingora's proxy, with its connections counted and a
+/// short settling time before idle connections are closed at shutdown.
+///
+/// Pingora drops every connection still waiting for a request when its listener shuts down,
+/// including one accepted a moment before whose request is still on the wire; its client
+/// sees the connection closed without an answer. Waiting [`SETTLE`] first lets those requests
+/// arrive and be answered.
+struct Connections {
+    proxy: Arc<HttpProxy<EdgeProxy>>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// How long a connection accepted just before shutdown has for its request to arrive.
+const SETTLE: Duration = Duration::from_millis(250);
+
+#[async_trait]
+impl ServerApp for Connections {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let _open = self.lifecycle.connection();
+        self.proxy.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        tokio::time::sleep(SETTLE).await;
+        self.proxy.cleanup().await;
+        self.lifecycle.close_listeners();
     }
 }

@@ -187,7 +187,7 @@ impl Dispatcher {
         for lane in lanes {
             self.start(runtime, lane);
         }
-        self.lifecycle.draining().await;
+        self.lifecycle.deliveries_stopping().await;
     }
 
     fn start(self: &Arc<Self>, runtime: &Handle, lane: Arc<Lane>) {
@@ -250,16 +250,21 @@ impl Dispatcher {
 
 #[async_trait]
 impl BackgroundService for DispatcherService {
-    async fn start(&self, _shutdown: ShutdownWatch) {
-        // Lanes stop on the lifecycle's drain, which begins before Pingora's shutdown watch
-        // fires, so the watch is not needed here.
-        self.0.run().await;
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Lanes stop with the lifecycle's drain, which SIGTERM begins before Pingora's
+        // shutdown. A graceful upgrade does not drain (the old process answers until its
+        // listeners close), so lanes stop at Pingora's shutdown and the new process takes
+        // their deliveries over.
+        tokio::select! {
+            _ = self.0.run() => {}
+            _ = shutdown.changed() => self.0.lifecycle.stop_deliveries(),
+        }
     }
 }
 
 async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
     loop {
-        if lifecycle.is_draining() || lane.stopped.load(Ordering::Acquire) {
+        if lifecycle.deliveries_stopped() || lane.stopped.load(Ordering::Acquire) {
             return;
         }
         if spool.failure().is_some() {
@@ -317,7 +322,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
             _ = &mut work => {}
             _ = &mut changed => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = lifecycle.draining() => return,
+            _ = lifecycle.deliveries_stopping() => return,
         }
     }
 }

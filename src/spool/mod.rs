@@ -48,6 +48,8 @@ pub enum SpoolError {
     /// The disk refused a write or an fsync, or the log is damaged. After a failed write the
     /// spool refuses every further change: what is on disk is then only known after a restart.
     Storage(String),
+    /// Another process holds the store.
+    Locked(String),
 }
 
 impl fmt::Display for SpoolError {
@@ -56,6 +58,7 @@ impl fmt::Display for SpoolError {
             SpoolError::Busy => f.write_str("spool is busy (write queue full)"),
             SpoolError::Closed => f.write_str("spool is closed"),
             SpoolError::Storage(e) => write!(f, "spool storage error: {e}"),
+            SpoolError::Locked(e) => f.write_str(e),
         }
     }
 }
@@ -203,6 +206,25 @@ impl Spool {
         Spool::open_with(dir, dedup_window, metrics, Commit::Durable)
     }
 
+    /// [`Spool::open`], waiting up to `wait` for another process to let go of the store: a
+    /// graceful upgrade's new process waits here until the old one has exited.
+    pub fn open_after(
+        dir: &Path,
+        dedup_window: Duration,
+        metrics: Arc<Metrics>,
+        wait: Duration,
+    ) -> Result<Spool, SpoolError> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match Spool::open(dir, dedup_window, metrics.clone()) {
+                Err(SpoolError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// [`Spool::open`] with a choice of commit mode (benchmarks compare the two).
     pub fn open_with(
         dir: &Path,
@@ -230,7 +252,7 @@ impl Spool {
             .open(&lock_path)
             .map_err(|e| storage(lock_path.display(), e))?;
         lock.try_lock().map_err(|_| {
-            SpoolError::Storage(format!(
+            SpoolError::Locked(format!(
                 "{} is in use by another actiongate process",
                 dir.display()
             ))

@@ -202,71 +202,110 @@ pub async fn post_many(
     bodies: Vec<Vec<u8>>,
     connections: usize,
 ) -> Vec<u16> {
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    post_stream(to, path, bodies, connections, true, answered).await
+    let bodies = std::sync::Arc::new(bodies);
+    let stream = Stream::new(to, path, connections, bodies.len());
+    stream.run(move |i| bodies[i].clone()).await
 }
 
-/// POSTs each body to `path`, `connections` at a time, counting answers in `answered` as they
-/// arrive (so that a test can act at a point in the stream). With `keep_alive`, each worker
-/// uses one connection throughout; without, every request has a connection of its own.
-/// Returns the statuses in the order of `bodies`; 0 stands for a transport error.
-pub async fn post_stream(
-    to: SocketAddr,
-    path: &str,
-    bodies: Vec<Vec<u8>>,
-    connections: usize,
-    keep_alive: bool,
-    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> Vec<u16> {
-    let queue = std::sync::Arc::new(std::sync::Mutex::new(
-        bodies.into_iter().enumerate().rev().collect::<Vec<_>>(),
-    ));
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let queue = queue.clone();
-        let answered = answered.clone();
-        let path = path.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut kept: Option<TcpStream> = None;
-            let mut statuses = Vec::new();
-            loop {
-                let next = queue.lock().expect("lock").pop();
-                let Some((i, body)) = next else { break };
-                let mut request = Request::post_json(&path, &body);
-                if !keep_alive {
-                    request = request.header("Connection", "close");
-                }
-                let mut bytes = request.head(to);
-                bytes.extend_from_slice(&body);
-                let reused = kept.take();
-                let exchange = async {
-                    let mut stream = match reused {
-                        Some(stream) => stream,
-                        None => TcpStream::connect(to).await.map_err(|e| e.to_string())?,
-                    };
-                    stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                    let response = read_response(&mut stream).await?;
-                    Ok::<_, String>((response.status, stream))
-                };
-                let status = match exchange.await {
-                    Ok((status, stream)) => {
-                        if keep_alive {
-                            kept = Some(stream);
-                        }
-                        status
+/// A stream of POSTs that a test can watch (`answered`) and stop (`stop`) while it runs.
+pub struct Stream {
+    pub to: SocketAddr,
+    pub path: String,
+    pub connections: usize,
+    /// Each worker keeps one connection throughout; otherwise every request has its own.
+    pub keep_alive: bool,
+    /// At most this many requests.
+    pub limit: usize,
+    /// Answers (or transport errors) so far.
+    pub answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Set to end the stream early; the requests sent are then a prefix of `0..limit`.
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What went wrong with the requests answered 0, for the failure message.
+    pub errors: std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+    /// The longest exchange, connect to answer, in microseconds (reported, never asserted).
+    pub slowest_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Stream {
+    pub fn new(to: SocketAddr, path: &str, connections: usize, limit: usize) -> Stream {
+        Stream {
+            to,
+            path: path.to_string(),
+            connections,
+            keep_alive: true,
+            limit,
+            answered: Default::default(),
+            stop: Default::default(),
+            errors: Default::default(),
+            slowest_us: Default::default(),
+        }
+    }
+
+    /// Sends `body(i)` for i in 0.., until `limit` or `stop`; returns the statuses in order of
+    /// `i`, 0 standing for a transport error.
+    pub async fn run(self, body: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static) -> Vec<u16> {
+        use std::sync::atomic::Ordering;
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let body = std::sync::Arc::new(body);
+        let mut tasks = Vec::new();
+        for _ in 0..self.connections {
+            let (next, body) = (next.clone(), body.clone());
+            let (answered, stop) = (self.answered.clone(), self.stop.clone());
+            let (errors, slowest_us) = (self.errors.clone(), self.slowest_us.clone());
+            let (to, path, keep_alive, limit) =
+                (self.to, self.path.clone(), self.keep_alive, self.limit);
+            tasks.push(tokio::spawn(async move {
+                let mut kept: Option<TcpStream> = None;
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= limit {
+                        break;
                     }
-                    Err(_) => 0,
-                };
-                statuses.push((i, status));
-                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            statuses
-        }));
+                    let body = body(i);
+                    let mut request = Request::post_json(&path, &body);
+                    if !keep_alive {
+                        request = request.header("Connection", "close");
+                    }
+                    let mut bytes = request.head(to);
+                    bytes.extend_from_slice(&body);
+                    let reused = kept.take();
+                    let started = std::time::Instant::now();
+                    let exchange = async {
+                        let mut stream = match reused {
+                            Some(stream) => stream,
+                            None => TcpStream::connect(to).await.map_err(|e| e.to_string())?,
+                        };
+                        stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                        let response = read_response(&mut stream).await?;
+                        Ok::<_, String>((response.status, stream))
+                    };
+                    let result = exchange.await;
+                    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    slowest_us.fetch_max(took, Ordering::SeqCst);
+                    let status = match result {
+                        Ok((status, stream)) => {
+                            if keep_alive {
+                                kept = Some(stream);
+                            }
+                            status
+                        }
+                        Err(e) => {
+                            errors.lock().expect("lock").push((i, e));
+                            0
+                        }
+                    };
+                    statuses.push((i, status));
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                statuses
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.expect("task"));
+        }
+        all.sort();
+        all.into_iter().map(|(_, s)| s).collect()
     }
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.expect("task"));
-    }
-    all.sort();
-    all.into_iter().map(|(_, s)| s).collect()
 }

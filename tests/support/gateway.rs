@@ -82,19 +82,44 @@ impl Gateway {
     /// Starts (again) on the same config and spool, and waits for readiness.
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
+        self.child = Some(self.launch(&[]));
+        self.wait_ready().await;
+    }
+
+    /// A graceful upgrade as an operator runs it: a new process with `-u` on the same config
+    /// and spool, then SIGQUIT to the running one. Returns once the old process has exited
+    /// (with its status) and the new one is ready.
+    pub async fn upgrade(&mut self) -> ExitStatus {
+        let mut old = self.child.take().expect("running");
+        self.child = Some(self.launch(&["-u"]));
+        // The old process retries for a few seconds until the new one listens for the hand-over.
+        let sent = Command::new("kill")
+            .args(["-QUIT", &old.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let status = eventually("the old process to exit", Duration::from_secs(30), || {
+            old.try_wait().ok().flatten()
+        })
+        .await;
+        self.wait_ready().await;
+        status
+    }
+
+    /// Starts the binary on this gateway's config, logging to a new log file.
+    fn launch(&mut self, args: &[&str]) -> Child {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_actiongate"))
+        Command::new(env!("CARGO_BIN_EXE_actiongate"))
             .arg("-c")
             .arg(self.config_path())
+            .args(args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start actiongate");
-        self.child = Some(child);
-        self.wait_ready().await;
+            .expect("start actiongate")
     }
 
     /// Waits until `/readyz` answers 200; fails fast, with the logs, if the process exits.
