@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot paths: payload validation, the allowlist check, template
-//! rendering, and spool appends (group commit, with and without fsync).
+//! rendering, a delivery's payload parse, and spool appends (group commit, with and without
+//! fsync).
 //!
 //! Run: `cargo bench --bench micro`. Numbers and the machine are recorded in BENCHMARKS.md.
 
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use actiongate::config::{Config, DriftPolicy};
+use actiongate::delivery::projection::Projection;
 use actiongate::delivery::template::{Template, ValueMapping};
 use actiongate::ingress::allowlist::IpSet;
 use actiongate::ingress::{client_addr, payload};
@@ -79,6 +81,24 @@ fn render(c: &mut Criterion) {
     });
 }
 
+/// What a delivery parses of its stored payload: the projection of the status-page template's
+/// paths, against the whole tree it used to build.
+fn delivery_parse(c: &mut Criterion) {
+    let template = Template::parse_json(STATUS_PAGE).unwrap();
+    let projection = Projection::new(template.paths());
+    let mut group = c.benchmark_group("delivery");
+    group.throughput(Throughput::Bytes(FULL.len() as u64));
+    group.bench_function("projected_parse_status_page_paths", |b| {
+        b.iter(|| projection.parse(black_box(FULL)).map(|v| v.is_object()))
+    });
+    group.bench_function("full_parse_for_comparison", |b| {
+        b.iter(|| {
+            serde_json::from_slice::<serde_json::Value>(black_box(FULL)).map(|v| v.is_object())
+        })
+    });
+    group.finish();
+}
+
 fn spool(c: &mut Criterion) {
     let config = Config::from_yaml(
         "listen: [{addr: \"127.0.0.1:1\"}]\nactions:\n  - {name: a, path: /a, upstreams: [{name: u, url: \"http://127.0.0.1:1/\"}]}\n",
@@ -145,5 +165,5 @@ fn spool(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, validate, allowlist, render, spool);
+criterion_group!(benches, validate, allowlist, render, delivery_parse, spool);
 criterion_main!(benches);

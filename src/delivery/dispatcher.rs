@@ -18,6 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+use super::projection::Projection;
 use super::retry::{AttemptOutcome, Decision};
 use super::{client, request, DeliveryOutcome};
 use crate::config::{Config, Upstream};
@@ -51,6 +52,8 @@ pub struct DispatcherService(pub Arc<Dispatcher>);
 struct LaneConf {
     upstream: Upstream,
     client: reqwest::Client,
+    /// What the upstream's rules and templates read of a payload.
+    projection: Projection,
 }
 
 struct Lane {
@@ -107,6 +110,7 @@ impl Dispatcher {
                 let conf = LaneConf {
                     upstream: upstream.clone(),
                     client,
+                    projection: Projection::for_upstream(upstream),
                 };
                 lanes.push((action.name.clone(), upstream.name.clone(), conf));
             }
@@ -396,7 +400,7 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
         }
     };
     let payload = if request::needs_payload(upstream) {
-        match serde_json::from_slice(&raw) {
+        match conf.projection.parse(&raw) {
             Ok(value) => Some(value),
             Err(e) => {
                 // Cannot happen for events the ingress validated; say so loudly if it does.

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod dispatcher;
 pub mod path;
+pub mod projection;
 pub mod request;
 pub mod retry;
 pub mod template;

@@ -64,6 +64,11 @@ impl FieldPath {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The segments as written (`incident`, `responders`, `0`, `email`).
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().map(|s| s.key.as_str())
+    }
 }
 
 impl fmt::Display for FieldPath {

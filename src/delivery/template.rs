@@ -100,6 +100,13 @@ impl Template {
         render_node(&self.root, payload, mapping, out);
     }
 
+    /// Every path the template reads.
+    pub fn paths(&self) -> Vec<&FieldPath> {
+        let mut paths = Vec::new();
+        node_paths(&self.root, &mut paths);
+        paths
+    }
+
     /// Renders into a fresh buffer.
     pub fn render_to_vec(&self, payload: &Value, mapping: &ValueMapping) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
@@ -109,6 +116,21 @@ impl Template {
 }
 
 type CompileError = (String, String);
+
+fn node_paths<'t>(node: &'t Node, out: &mut Vec<&'t FieldPath>) {
+    match node {
+        Node::Literal(_) => {}
+        Node::Whole(var) => out.push(&var.path),
+        Node::Text(text) => out.extend(text.paths()),
+        Node::Array(items) => items.iter().for_each(|item| node_paths(item, out)),
+        Node::Object(fields) => {
+            for (key, value) in fields {
+                out.extend(key.paths());
+                node_paths(value, out);
+            }
+        }
+    }
+}
 
 fn compile(value: &Value) -> Result<Node, CompileError> {
     Ok(match value {
@@ -176,6 +198,14 @@ impl TextTemplate {
             parts.push(Part::Text(rest.to_string()));
         }
         Ok(TextTemplate { parts })
+    }
+
+    /// Every path the text reads.
+    pub fn paths(&self) -> impl Iterator<Item = &FieldPath> {
+        self.parts.iter().filter_map(|part| match part {
+            Part::Var(var) => Some(&var.path),
+            Part::Text(_) => None,
+        })
     }
 
     /// True when the text has no placeholder.

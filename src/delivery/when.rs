@@ -45,6 +45,11 @@ impl When {
         Ok(When { rules })
     }
 
+    /// Every path the rules read.
+    pub fn paths(&self) -> impl Iterator<Item = &FieldPath> {
+        self.rules.iter().map(|(path, _)| path)
+    }
+
     /// Whether `payload` satisfies every rule.
     pub fn matches(&self, payload: &Value) -> bool {
         self.rules

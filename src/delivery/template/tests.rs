@@ -176,6 +176,7 @@ fn text_templates_render_plain_text() {
 /// reproduces; 20,000 cases run in well under a second.
 mod property {
     use super::*;
+    use crate::delivery::projection::Projection;
 
     const HOSTILE: &[&str] = &[
         "",
@@ -300,6 +301,17 @@ mod property {
                     String::from_utf8_lossy(&out)
                 );
             }
+            // From the same stored bytes, the projected payload renders what the full one does.
+            let raw = payload.to_string();
+            let full: Value = serde_json::from_str(&raw).expect("valid JSON");
+            let projected = Projection::new(template.paths())
+                .parse(raw.as_bytes())
+                .expect("projection of valid JSON");
+            assert_eq!(
+                String::from_utf8_lossy(&template.render_to_vec(&projected, &mapping)),
+                String::from_utf8_lossy(&template.render_to_vec(&full, &mapping)),
+                "template {text}, payload {raw}, projected {projected}"
+            );
             rendered += 1;
         }
         assert!(
