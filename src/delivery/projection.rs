@@ -6,7 +6,6 @@
 //! paths and skips everything else while parsing. Every path resolves in the projected value
 //! exactly as in the full one, so rules and templates need no change.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -16,6 +15,7 @@ use serde_json::{Map, Value};
 
 use super::path::FieldPath;
 use crate::config::{HeaderSource, Upstream};
+use crate::ingress::payload::KeySeed;
 
 /// Which parts of a payload to keep.
 #[derive(Debug, Clone, Default)]
@@ -122,7 +122,7 @@ impl<'de> Visitor<'de> for Keep<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut kept = Map::new();
-        while let Some(Key(key)) = map.next_key()? {
+        while let Some(key) = map.next_key_seed(KeySeed)? {
             match self.0.children.get(key.as_ref()) {
                 Some(child) => {
                     let value = map.next_value_seed(Keep(child))?;
@@ -151,28 +151,6 @@ impl<'de> Visitor<'de> for Keep<'_> {
         }
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(Value::Array(kept))
-    }
-}
-
-/// An object key, borrowed from the input unless it had escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(key)))
-            }
-            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(key.to_string())))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
     }
 }
 

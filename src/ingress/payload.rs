@@ -592,7 +592,7 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
 }
 
 /// Reads an object key, borrowing it from the input when it has no escapes.
-struct KeySeed;
+pub(crate) struct KeySeed;
 
 impl<'de> DeserializeSeed<'de> for KeySeed {
     type Value = Cow<'de, str>;
