@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::Stream;
 use pingora_core::server::{ExecutionPhase, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use pingora_proxy::HttpProxy;
 use tokio::sync::broadcast;
@@ -146,18 +147,38 @@ impl Gateway {
         let args = RunArgs {
             shutdown_signal: Box::new(signal),
         };
-        let phases = self.server.watch_execution_phase();
+        // A service rather than a thread started here: with -d, Pingora forks after this
+        // point and only the services start in the daemon.
+        let watcher = ExitWatcher {
+            phases: std::sync::Mutex::new(Some(self.server.watch_execution_phase())),
+            gate: self.gate.clone(),
+        };
+        let mut server = self.server;
+        server.add_service(background_service("actiongate exit watcher", watcher));
+        server.run(args);
+    }
+}
+
+struct ExitWatcher {
+    phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    gate: ActionGate,
+}
+
+#[async_trait]
+impl BackgroundService for ExitWatcher {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let phases = self.phases.lock().ok().and_then(|mut p| p.take());
+        let Some(phases) = phases else { return };
         let gate = self.gate.clone();
-        std::thread::Builder::new()
+        // Blocking on purpose: it must outlive the async runtimes Pingora stops at shutdown.
+        let started = std::thread::Builder::new()
             .name("actiongate exit".into())
-            .spawn(move || exit_when_served(phases, gate))
-            .map_err(|e| {
-                log::warn!(
-                    "cannot start the exit watcher ({e}); shutdown waits the whole grace period"
-                )
-            })
-            .ok();
-        self.server.run(args);
+            .spawn(move || exit_when_served(phases, gate));
+        if let Err(e) = started {
+            log::warn!(
+                "cannot start the exit watcher ({e}); shutdown waits the whole grace period"
+            );
+        }
     }
 }
 
