@@ -41,6 +41,23 @@ fn event_ids(upstream: &Upstream) -> HashSet<String> {
         .collect()
 }
 
+/// POSTs the full fixture as event `id` to `path`.
+async fn post(gateway: &Gateway, path: &str, id: &str) -> client::Response {
+    Request::post_json(path, &event_with_id(id))
+        .send(gateway.addr)
+        .await
+}
+
+/// The (index, status) of every request in a stream that was not answered 200.
+fn not_accepted(statuses: &[u16]) -> Vec<(usize, u16)> {
+    statuses
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, s)| *s != 200)
+        .collect()
+}
+
 async fn dead_letter_events(gateway: &Gateway) -> HashSet<String> {
     let response = client::get(gateway.admin, "/dead-letters?limit=10000").await;
     response
@@ -67,10 +84,7 @@ async fn sighup_reloads_under_a_request_stream_without_failing_or_losing_anythin
     let second = Upstream::ok().await;
     let gateway = Gateway::start(&actions(&[("first", &first)], false)).await;
     assert_eq!(
-        Request::post_json("/act2", &event_with_id("early"))
-            .send(gateway.addr)
-            .await
-            .status,
+        post(&gateway, "/act2", "early").await.status,
         404,
         "act2 is not configured yet"
     );
@@ -88,9 +102,7 @@ async fn sighup_reloads_under_a_request_stream_without_failing_or_losing_anythin
     gateway.wait_metric(APPLIED, 1.0).await;
     let after_first_reload = answered.load(Ordering::SeqCst);
     // The new action answers while the stream goes on.
-    let response = Request::post_json("/act2", &event_with_id("second-action"))
-        .send(gateway.addr)
-        .await;
+    let response = post(&gateway, "/act2", "second-action").await;
     assert_eq!(response.status, 200, "{:?}", response.json());
 
     wait_answered(&answered, after_first_reload + 100).await;
@@ -99,27 +111,17 @@ async fn sighup_reloads_under_a_request_stream_without_failing_or_losing_anythin
     gateway.wait_metric(APPLIED, 2.0).await;
 
     let statuses = stream.await.expect("stream");
-    let failed: Vec<(usize, u16)> = statuses
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, s)| *s != 200)
-        .collect();
+    let failed = not_accepted(&statuses);
     assert!(failed.is_empty(), "requests not accepted: {failed:?}");
 
     // Sent after the second reload: to `second` only.
     let late: Vec<String> = (0..20).map(|i| format!("late-{i}")).collect();
     for id in &late {
-        let response = Request::post_json("/act", &event_with_id(id))
-            .send(gateway.addr)
-            .await;
+        let response = post(&gateway, "/act", id).await;
         assert_eq!(response.status, 200);
     }
     assert_eq!(
-        Request::post_json("/act2", &event_with_id("gone"))
-            .send(gateway.addr)
-            .await
-            .status,
+        post(&gateway, "/act2", "gone").await.status,
         404,
         "act2 was removed again"
     );
@@ -178,13 +180,9 @@ async fn a_bad_reload_is_refused_whole_and_the_running_config_kept() {
     );
     assert_eq!(gateway.metric(IN_SYNC).await, 0.0);
     assert_eq!(gateway.metric(APPLIED).await, 0.0);
-    let kept = Request::post_json("/act", &event_with_id("kept-1"))
-        .send(gateway.addr)
-        .await;
+    let kept = post(&gateway, "/act", "kept-1").await;
     assert_eq!(kept.status, 200, "still serving the old configuration");
-    let absent = Request::post_json("/act2", &event_with_id("kept-2"))
-        .send(gateway.addr)
-        .await;
+    let absent = post(&gateway, "/act2", "kept-2").await;
     assert_eq!(
         absent.status, 404,
         "the refused file's new action is not in force"
@@ -212,9 +210,7 @@ async fn a_reload_that_drops_an_upstream_dead_letters_what_it_still_held() {
     );
     let gateway = Gateway::start(&yaml).await;
     for i in 0..3 {
-        let response = Request::post_json("/act", &event_with_id(&format!("held-{i}")))
-            .send(gateway.addr)
-            .await;
+        let response = post(&gateway, "/act", &format!("held-{i}")).await;
         assert_eq!(response.status, 200);
     }
     gateway
@@ -239,9 +235,7 @@ async fn a_reload_that_drops_an_upstream_dead_letters_what_it_still_held() {
         assert_eq!(letter["last_error"], "act/down is no longer configured");
     }
     // New events go to the new upstream.
-    let response = Request::post_json("/act", &event_with_id("after"))
-        .send(gateway.addr)
-        .await;
+    let response = post(&gateway, "/act", "after").await;
     assert_eq!(response.status, 200);
     let got = up.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got[0].header("x-actiongate-event-id"), Some("after"));
@@ -345,12 +339,7 @@ async fn a_graceful_upgrade_hands_listeners_and_spool_over_without_failing_a_req
     stop.store(true, Ordering::SeqCst);
 
     let statuses = stream.await.expect("stream");
-    let failed: Vec<(usize, u16)> = statuses
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, s)| *s != 200)
-        .collect();
+    let failed = not_accepted(&statuses);
     assert!(
         failed.is_empty(),
         "{} of {} requests not accepted: {:?} {:?}\n{}",
@@ -379,9 +368,7 @@ async fn a_graceful_upgrade_hands_listeners_and_spool_over_without_failing_a_req
     })
     .await;
     // The new process owns the spool: what the old one accepted is remembered as a duplicate.
-    let again = Request::post_json("/act", &event_with_id("upgrade-0"))
-        .send(gateway.addr)
-        .await;
+    let again = post(&gateway, "/act", "upgrade-0").await;
     assert_eq!(again.status, 200);
     assert_eq!(again.json()["status"], "duplicate");
     let logs = gateway.logs();
