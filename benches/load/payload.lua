@@ -27,3 +27,14 @@ request = function()
   end
   return wrk.format("POST", nil, headers, body)
 end
+
+-- With LIMIT set (requests per thread), a thread stops once it has sent that many: the
+-- backlog phase fills the spool with an exact count instead of a duration's worth.
+local limit = tonumber(os.getenv("LIMIT") or "0")
+if limit > 0 then
+  response = function()
+    if n >= limit then
+      wrk.thread:stop()
+    end
+  end
+end
