@@ -98,7 +98,8 @@ impl ActionGate {
 
     /// Answers `404 unknown_action` (for a proxy with nowhere else to send the request).
     pub async fn answer_unknown(&self, session: &mut ServerSession) -> pingora_core::Result<()> {
-        self.ingress.load().answer_unknown(session).await
+        let ingress = self.ingress.load_full();
+        ingress.answer_unknown(session).await
     }
 
     /// Puts a new configuration in force without dropping a request or an event: actions,

@@ -1,8 +1,6 @@
 //! Assembles the stand-alone gateway: a Pingora server with the proxy on every `listen`
-//! address, the admin listener and the dispatcher.
-
-use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{RunArgs, Server};
+//! address, the admin listener and the dispatcher; and how it stops: SIGHUP reloads in place
+//! (`reload.rs`), SIGTERM drains (`lifecycle.rs`), SIGQUIT hands over to a new process (`-u`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::protocols::Stream;
-use pingora_core::server::{ExecutionPhase, ShutdownWatch};
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{ExecutionPhase, RunArgs, Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use pingora_proxy::HttpProxy;
 use tokio::sync::broadcast;
-
-use pingora_core::listeners::tls::TlsSettings;
 
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
@@ -27,8 +25,8 @@ use crate::tls::ListenerCert;
 use crate::ActionGate;
 
 /// How long the new process of a graceful upgrade waits for the old one to let go of the
-/// spool: the old one serves for Pingora's 5 s close timeout after handing over the
-/// listeners, then gets 1 s for its runtimes to stop.
+/// spool: the old one serves through Pingora's 5 s hand-over window, then answers what it
+/// had accepted (at most `server.grace_period`) and exits.
 const UPGRADE_SPOOL_WAIT: Duration = Duration::from_secs(60);
 
 /// What the command line asks of Pingora.
