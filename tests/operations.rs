@@ -237,11 +237,7 @@ async fn tls_at_the_edge_accepts_an_event_over_https() {
         "sources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], upstreams: [{{name: up, url: \"{}\"}}]}}\n",
         upstream.url("/")
     );
-    let listener = format!(
-        "tls: {{cert: \"{}\", key: \"{}\"}}",
-        cert.display(),
-        key.display()
-    );
+    let listener = support::tls::listener(&cert, &key);
     let gateway = Gateway::start_with_listener(&yaml, &[], &listener).await;
 
     let ca_cert = reqwest::Certificate::from_pem(&std::fs::read(&ca_path).unwrap()).unwrap();

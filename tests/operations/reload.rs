@@ -268,11 +268,7 @@ async fn sighup_swaps_the_certificate_without_dropping_open_connections() {
     let dir = tempfile::tempdir().unwrap();
     let (_, cert, key) = old_ca.write(dir.path());
     let upstream = Upstream::ok().await;
-    let listener = format!(
-        "tls: {{cert: \"{}\", key: \"{}\"}}",
-        cert.display(),
-        key.display()
-    );
+    let listener = crate::support::tls::listener(&cert, &key);
     let gateway =
         Gateway::start_with_listener(&actions(&[("up", &upstream)], false), &[], &listener).await;
     let port = gateway.addr.port();

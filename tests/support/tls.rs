@@ -60,3 +60,12 @@ impl TestCa {
         paths
     }
 }
+
+/// The `listen[]` YAML fragment that serves TLS with `cert` and `key`.
+pub fn listener(cert: &Path, key: &Path) -> String {
+    format!(
+        "tls: {{cert: \"{}\", key: \"{}\"}}",
+        cert.display(),
+        key.display()
+    )
+}
