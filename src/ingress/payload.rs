@@ -73,7 +73,10 @@ pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, Paylo
         drift: Vec::new(),
         problem: None,
     };
-    let mut de = serde_json::Deserializer::from_slice(body);
+    // JSON text is UTF-8 (RFC 8259). Checked once for the whole body, strings need no check of
+    // their own: serde_json's per-string `from_utf8` calls were 11 % of validation (perf).
+    let text = std::str::from_utf8(body).map_err(|e| not_utf8(body, e.valid_up_to()))?;
+    let mut de = serde_json::Deserializer::from_str(text);
     let seed = Seed {
         kind: &ENVELOPE,
         need: Need::Required,
@@ -106,6 +109,19 @@ pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, Paylo
         event_id,
         drift: ctx.drift,
     })
+}
+
+/// Where the body stops being UTF-8, as serde_json would say it ("line 3 column 14").
+fn not_utf8(body: &[u8], valid_up_to: usize) -> PayloadError {
+    let before = &body[..valid_up_to];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = valid_up_to
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |at| at + 1)
+        + 1;
+    PayloadError::NotJson(format!("invalid UTF-8 at line {line} column {column}"))
 }
 
 // ---- The schema -------------------------------------------------------------------------

@@ -141,6 +141,21 @@ fn truncated_or_malformed_json_is_not_json() {
 }
 
 #[test]
+fn a_body_that_is_not_utf8_is_not_json_and_says_where() {
+    // A Latin-1 "é" inside the title, on the third line.
+    let mut body = b"{\n  \"event_id\": \"e\",\n  \"title\": \"caf".to_vec();
+    body.extend_from_slice(&[0xe9, b'"', b'}']);
+    assert_eq!(
+        refuse(&body),
+        PayloadError::NotJson("invalid UTF-8 at line 3 column 16".into())
+    );
+    assert_eq!(
+        refuse(&[0xff]),
+        PayloadError::NotJson("invalid UTF-8 at line 1 column 1".into())
+    );
+}
+
+#[test]
 fn unset_optional_fields_may_be_null_zero_empty_or_empty_containers() {
     for value in ["null", "0", "\"\"", "{}", "[]"] {
         for field in [
