@@ -47,7 +47,6 @@ impl Reloader {
             }
         };
         let running = self.gate.config();
-        let kept = needs_restart(&running, &config);
         let certs: Vec<_> = self
             .certs
             .iter()
@@ -57,18 +56,7 @@ impl Reloader {
             })
             .collect();
         // The config in force says what is in force: the server's settings stay the running ones.
-        let config = Config {
-            listen: running.listen.clone(),
-            admin: running.admin,
-            spool_path: running.spool_path.clone(),
-            dedup_window: running.dedup_window,
-            server: crate::config::ServerSettings {
-                threads: running.server.threads,
-                grace_period: config.server.grace_period,
-            },
-            log: running.log.clone(),
-            ..config
-        };
+        let (config, kept) = keep_process_settings(&running, config);
         if let Err(why) = self.gate.reload(config).await {
             log::error!("reload refused: {why}; still running on the previous configuration");
             return false;
@@ -86,31 +74,38 @@ impl Reloader {
     }
 }
 
-/// The settings of `new` that differ from `running` and that only a new process can apply.
-fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+/// `new` with the settings that only a new process can apply put back to their running
+/// values, and the names of those that `new` would have changed. Each setting is compared
+/// and kept in one place, so the two cannot drift apart.
+fn keep_process_settings(running: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
+    let mut changed = Vec::new();
+    let mut note = |name, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
     let listeners = |c: &Config| -> Vec<(SocketAddr, bool)> {
         c.listen.iter().map(|l| (l.addr, l.tls.is_some())).collect()
     };
-    let mut changed = Vec::new();
-    if listeners(running) != listeners(new) {
-        changed.push("listen");
-    }
-    if running.admin != new.admin {
-        changed.push("admin.addr");
-    }
-    if running.spool_path != new.spool_path {
-        changed.push("spool.path");
-    }
-    if running.dedup_window != new.dedup_window {
-        changed.push("dedup_window");
-    }
-    if running.server.threads != new.server.threads {
-        changed.push("server.threads");
-    }
-    if running.log.format != new.log.format || running.log.level != new.log.level {
-        changed.push("log");
-    }
-    changed
+    note("listen", listeners(running) != listeners(&new));
+    new.listen = running.listen.clone();
+    note("admin.addr", running.admin != new.admin);
+    new.admin = running.admin;
+    note("spool.path", running.spool_path != new.spool_path);
+    new.spool_path = running.spool_path.clone();
+    note("dedup_window", running.dedup_window != new.dedup_window);
+    new.dedup_window = running.dedup_window;
+    note(
+        "server.threads",
+        running.server.threads != new.server.threads,
+    );
+    new.server.threads = running.server.threads;
+    note(
+        "log",
+        running.log.format != new.log.format || running.log.level != new.log.level,
+    );
+    new.log = running.log.clone();
+    (new, changed)
 }
 
 #[cfg(test)]
@@ -131,17 +126,18 @@ mod tests {
     #[test]
     fn only_what_a_running_process_cannot_change_needs_a_restart() {
         let running = config("");
-        assert!(needs_restart(&running, &config("")).is_empty());
+        let needs_restart = |new: &Config| keep_process_settings(&running, new.clone()).1;
+        assert!(needs_restart(&config("")).is_empty());
         // Reloadable in place: limits, trusted proxies, grace period, actions.
         let in_place = config(
             "limits: {max_body: 2KiB}\ntrusted_proxies: [\"10.0.0.0/8\"]\nserver: {grace_period: 9s}\n",
         );
-        assert!(needs_restart(&running, &in_place).is_empty());
+        assert!(needs_restart(&in_place).is_empty());
         let new_process = config(
             "admin: {addr: \"127.0.0.1:9999\"}\nspool: {path: /tmp/elsewhere}\nserver: {threads: 7}\nlog: {format: json}\ndedup_window: 1h\n",
         );
         assert_eq!(
-            needs_restart(&running, &new_process),
+            needs_restart(&new_process),
             [
                 "admin.addr",
                 "spool.path",
@@ -150,9 +146,14 @@ mod tests {
                 "log"
             ]
         );
-        assert_eq!(
-            needs_restart(&running, &config_on("127.0.0.1:18444", "")),
-            ["listen"]
-        );
+        assert_eq!(needs_restart(&config_on("127.0.0.1:18444", "")), ["listen"]);
+        // What is kept is the running value; what may change in place is the new one.
+        let (kept, _) = keep_process_settings(&running, new_process);
+        assert_eq!(kept.admin, running.admin);
+        assert_eq!(kept.spool_path, running.spool_path);
+        assert_eq!(kept.server.threads, running.server.threads);
+        let (kept, _) = keep_process_settings(&running, in_place);
+        assert_eq!(kept.limits.max_body, 2048);
+        assert_eq!(kept.server.grace_period, std::time::Duration::from_secs(9));
     }
 }
