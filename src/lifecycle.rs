@@ -120,32 +120,28 @@ impl Lifecycle {
 
     /// Resolves once delivery attempts are to stop.
     pub async fn deliveries_stopping(&self) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.deliveries_stopped() {
-                return;
-            }
-            changed.await;
-        }
+        wait_until(&self.changed, || self.deliveries_stopped()).await;
     }
 
     /// Waits until no request or delivery is in flight, or `grace` has passed. Returns whether
     /// everything finished.
     pub async fn drained(&self, grace: Duration) -> bool {
-        let wait = async {
-            loop {
-                let changed = self.changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                if self.in_flight() == (0, 0) {
-                    return;
-                }
-                changed.await;
-            }
-        };
+        let wait = wait_until(&self.changed, || self.in_flight() == (0, 0));
         tokio::time::timeout(grace, wait).await.is_ok()
+    }
+}
+
+/// Waits until `done()` holds, looking again whenever `changed` is notified. The wake-up is
+/// registered before each look, so a change in between is never missed.
+pub async fn wait_until(changed: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
     }
 }
 

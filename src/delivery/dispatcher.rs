@@ -22,7 +22,7 @@ use super::projection::Projection;
 use super::retry::{AttemptOutcome, Decision};
 use super::{client, request, DeliveryOutcome};
 use crate::config::{Config, Upstream};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{wait_until, Lifecycle};
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::spool::{lane_key, now_ms, Finish, Spool};
 
@@ -366,15 +366,7 @@ impl Lane {
 
     /// Waits until no attempt of this lane is running.
     async fn idle(&self) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.in_flight_count() == 0 {
-                return;
-            }
-            changed.await;
-        }
+        wait_until(&self.changed, || self.in_flight_count() == 0).await;
     }
 }
 
