@@ -6,18 +6,10 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
 
-use crate::config::Fallback;
 use crate::ActionGate;
 
 pub struct EdgeProxy {
     pub gate: ActionGate,
-}
-
-impl EdgeProxy {
-    /// The fallback in force (a reload may change it).
-    fn fallback(&self) -> Option<Fallback> {
-        self.gate.config().fallback.clone()
-    }
 }
 
 #[async_trait]
@@ -34,7 +26,8 @@ impl ProxyHttp for EdgeProxy {
         if self.gate.handle(session.as_downstream_mut()).await? {
             return Ok(true);
         }
-        if self.fallback().is_none() {
+        // The fallback in force: a reload may change it.
+        if self.gate.config().fallback.is_none() {
             self.gate
                 .answer_unknown(session.as_downstream_mut())
                 .await?;
@@ -48,7 +41,8 @@ impl ProxyHttp for EdgeProxy {
         _session: &mut Session,
         _ctx: &mut (),
     ) -> pingora_core::Result<Box<HttpPeer>> {
-        let Some(fallback) = self.fallback() else {
+        let config = self.gate.config();
+        let Some(fallback) = &config.fallback else {
             // request_filter answered every request when there is no fallback.
             return Err(Error::explain(
                 ErrorType::InternalError,
@@ -58,7 +52,7 @@ impl ProxyHttp for EdgeProxy {
         Ok(Box::new(HttpPeer::new(
             fallback.addr,
             fallback.tls,
-            fallback.host,
+            fallback.host.clone(),
         )))
     }
 }
