@@ -407,3 +407,33 @@ async fn after_a_failed_write_every_change_is_refused_and_the_failure_reported()
     assert_eq!(spool.counts().unwrap().events, 1);
     assert_eq!(spool.due("a/up1", now_ms(), 10, &none()).unwrap(), vec![id]);
 }
+
+#[tokio::test]
+async fn attempt_results_alone_are_written_without_an_fsync_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fsyncs = |metrics: &Metrics| {
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("actiongate_spool_commit_batch_size_count "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .unwrap_or(0)
+    };
+    {
+        let (spool, metrics) = open(dir.path());
+        spool.append(event("e1")).await.unwrap();
+        assert_eq!(fsyncs(&metrics), 1, "an accepted event is fsynced");
+        let ids = spool.due("a/up1", now_ms(), 10, &none()).unwrap();
+        let delivered = Finish::Delivered {
+            at_ms: now_ms(),
+            status: 200,
+        };
+        spool.finish(ids[0], delivered).await.unwrap();
+        assert_eq!(fsyncs(&metrics), 1, "a result alone is not fsynced");
+        spool.append(event("e2")).await.unwrap();
+        assert_eq!(fsyncs(&metrics), 2);
+    }
+    // Written all the same: a process restart (no power cut) finds the result.
+    let (spool, _) = open(dir.path());
+    assert_eq!(spool.due("a/up1", now_ms(), 10, &none()).unwrap().len(), 1);
+    assert_eq!(spool.counts().unwrap().pending, 3);
+}

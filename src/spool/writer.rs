@@ -6,6 +6,10 @@
 //! fsyncs, and only then answers. While one fsync runs, the next batch queues up, so
 //! throughput grows with load while a lone request is still committed at once. Nothing is
 //! acknowledged before its bytes are on disk.
+//!
+//! Attempt results are the exception: losing one to a power cut only means the delivery is
+//! made again (at least once), so a batch of nothing but results is written without an
+//! fsync; the next fsync of the file (the next accepted event's) makes them durable too.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -72,6 +76,15 @@ impl Done {
     }
 }
 
+/// What a batch put in the file, and so whether it must be fsynced before its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    Nothing,
+    /// Only attempt results: a loss means a repeated delivery, never a lost event.
+    ResultsOnly,
+    Durable,
+}
+
 /// The writer's state, owned by its thread.
 pub struct Writer {
     pub(super) inner: Arc<Inner>,
@@ -121,8 +134,10 @@ impl Writer {
                 done = durable;
             }
             match written.and_then(|wrote| self.sync(wrote)) {
-                Ok(()) => {
-                    self.metrics.observe_spool_commit(size, started.elapsed());
+                Ok(synced) => {
+                    if synced {
+                        self.metrics.observe_spool_commit(size, started.elapsed());
+                    }
                     for d in done {
                         d.send(None);
                     }
@@ -151,14 +166,13 @@ impl Writer {
         }
     }
 
-    /// Encodes and applies a batch and writes it (not yet fsynced). Returns whether anything
-    /// was written.
+    /// Encodes and applies a batch and writes it (not yet fsynced). Returns what was written.
     fn write_batch(
         &mut self,
         batch: Vec<Op>,
         done: &mut Vec<Done>,
         deltas: &mut Deltas,
-    ) -> Result<bool, SpoolError> {
+    ) -> Result<Wrote, SpoolError> {
         if let Some(e) = self.inner.failure() {
             done.extend(batch.into_iter().map(Done::abandon));
             return Err(e);
@@ -168,27 +182,33 @@ impl Writer {
         // delivery never points at bytes that are not there yet.
         let mut state = self.inner.lock_state()?;
         let now = now_ms();
+        let results_only = batch.iter().all(|op| matches!(op, Op::Finish(..)));
         for op in batch {
             done.push(self.encode(&mut state, op, now, &mut buf, deltas));
         }
         if buf.is_empty() {
-            return Ok(false);
+            return Ok(Wrote::Nothing);
         }
         self.active
             .write_all(&buf)
             .map_err(|e| SpoolError::Storage(format!("write: {e}")))?;
         self.active_size += buf.len() as u64;
-        Ok(true)
+        Ok(if results_only {
+            Wrote::ResultsOnly
+        } else {
+            Wrote::Durable
+        })
     }
 
-    /// Makes a written batch durable.
-    fn sync(&mut self, wrote: bool) -> Result<(), SpoolError> {
-        if wrote && self.commit == Commit::Durable {
-            self.active
-                .sync_data()
-                .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))?;
+    /// Makes a written batch durable if it has to be. Returns whether it fsynced.
+    fn sync(&mut self, wrote: Wrote) -> Result<bool, SpoolError> {
+        if wrote != Wrote::Durable || self.commit != Commit::Durable {
+            return Ok(false);
         }
-        Ok(())
+        self.active
+            .sync_data()
+            .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))?;
+        Ok(true)
     }
 
     /// Encodes one change into `buf` and applies it to the index.
