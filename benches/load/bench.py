@@ -5,7 +5,12 @@ payload mix on loopback. Prints a Markdown table and writes benches/load/results
 
 Run it through `bash benches/load/run` (which installs and builds what it needs).
 Environment: DURATION (seconds per peer, default 15), CONNECTIONS (32), THREADS (wrk, 2),
-BACKLOG (events for the backlog phase, default 100000; 0 skips it).
+BACKLOG (events for the backlog phase, default 100000; 0 skips it), RATE (requests/s of the
+paced phase, default 2000; 0 skips it), PACED_DURATION (its seconds per peer, default 10).
+
+Each peer is loaded twice: first paced at RATE (latency below saturation: what a sender at that
+rate would see), then flat out by 32 connections (throughput; its latency is mostly queueing,
+connections / throughput by Little's law).
 
 The backlog phase fills actiongate with BACKLOG events while its upstream is down (each is
 dead-lettered after one refused connection), brings the upstream back, replays all dead letters
@@ -32,6 +37,8 @@ CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
 WRK_THREADS = int(os.environ.get("THREADS", "2"))
 SERVER_THREADS = 2
 BACKLOG = int(os.environ.get("BACKLOG", "100000"))
+RATE = int(os.environ.get("RATE", "2000"))
+PACED_DURATION = int(os.environ.get("PACED_DURATION", "10"))
 WORK = Path(tempfile.mkdtemp(prefix="actiongate-bench-"))
 
 
@@ -72,14 +79,15 @@ def children(pid):
         return []
 
 
-def wrk(url, duration=None, limit=0):
-    """Loads url for `duration` s, or until each wrk thread has sent `limit` requests."""
+def wrk(url, duration=None, limit=0, delay_ms=0):
+    """Loads url for `duration` s, or until each wrk thread has sent `limit` requests; with
+    `delay_ms`, each connection pauses that long between requests."""
     env = dict(os.environ, FIXTURES=str(ROOT / "tests" / "fixtures"), RUN_NONCE=f"{time.time_ns()}",
-               LIMIT=str(limit))
+               LIMIT=str(limit), DELAY_MS=str(delay_ms))
     cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration or DURATION}s", "--latency",
            "-s", str(HERE / "payload.lua"), url]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    result = {"raw": out}
+    result = {"raw": out, "delay_ms": delay_ms}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     result["rps"] = float(m.group(1)) if m else 0.0
     m = re.search(r"(\d+) requests in", out)
@@ -93,6 +101,19 @@ def wrk(url, duration=None, limit=0):
     result["non_2xx"] = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors:.*", out)
     result["socket_errors"] = m.group(0) if m else ""
+    return result
+
+
+def paced(url):
+    """The paced phase: RATE requests/s spread over the connections."""
+    return wrk(url, duration=PACED_DURATION, delay_ms=max(1, round(CONNECTIONS * 1000 / RATE)))
+
+
+def load(url):
+    """Both phases against one peer: paced first, then flat out."""
+    slow = paced(url) if RATE else None
+    result = wrk(url)
+    result["paced"] = slow
     return result
 
 
@@ -160,7 +181,7 @@ def main():
     try:
         wait_port(nginx_port)
         pids = [nginx.pid] + children(nginx.pid)
-        results["nginx return 200"] = wrk(f"http://127.0.0.1:{nginx_port}/actions/restart-host")
+        results["nginx return 200"] = load(f"http://127.0.0.1:{nginx_port}/actions/restart-host")
         results["nginx return 200"]["rss_kib"] = peak_rss_kib(pids)
 
         results["bare Pingora"] = measure_peer(
@@ -182,7 +203,7 @@ def main():
         try:
             wait_port(admin)
             wait_port(port)
-            r = wrk(f"http://127.0.0.1:{port}/actions/restart-host")
+            r = load(f"http://127.0.0.1:{port}/actions/restart-host")
             accepted_series = 'actiongate_requests_total{action="restart-host",outcome="accepted"}'
             delivered_series = 'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}'
             started = time.monotonic()
@@ -213,7 +234,7 @@ def measure_peer(command, path):
     proc = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        result = wrk(f"http://127.0.0.1:{port}{path}")
+        result = load(f"http://127.0.0.1:{port}{path}")
         result["rss_kib"] = peak_rss_kib([proc.pid])
         return result
     finally:
@@ -286,11 +307,24 @@ def report(results, backlog):
         ratio = "—" if name == "actiongate" else f"{ag['rps'] / r['rps']:.2f}×" if r["rps"] else "n/a"
         lines.append(f"| {name} | {r['rps']:,.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | "
                      f"{r['non_2xx']} | {r['rss_kib'] / 1024:.0f} | {ratio} |")
+    if ag.get("paced"):
+        lines += [
+            "",
+            f"Paced: {CONNECTIONS} connections, each waiting {ag['paced']['delay_ms']} ms between requests "
+            f"(at most {RATE:,} req/s), {PACED_DURATION} s per peer, before the flat-out run above.",
+            "",
+            "| peer | req/s | p50 ms | p99 ms | max ms | non-2xx |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in results.items():
+            p = r["paced"]
+            lines.append(f"| {name} | {p['rps']:,.0f} | {fmt(p['p50_ms'])} | {fmt(p['p99_ms'])} | "
+                         f"{fmt(p['max_ms'])} | {p['non_2xx']} |")
     lines += [
         "",
         f"actiongate: {ag['accepted']:,} accepted, {ag['delivered']:,} delivered to nginx "
         f"({'all' if ag['delivered'] >= ag['accepted'] else 'NOT all'}; last one {ag['drain_after_load_s']} s after the load "
-        f"stopped); {ag['commits']:,} spool commits, {ag['mean_batch']} changes per fsync on average.",
+        f"stopped; both phases); {ag['commits']:,} fsynced spool commits, {ag['mean_batch']} changes in each on average.",
     ]
     if backlog:
         lines += [
@@ -305,6 +339,9 @@ def report(results, backlog):
     out.mkdir(exist_ok=True)
     (out / "latest.md").write_text(text + "\n")
     data = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in results.items()}
+    for v in data.values():
+        if v.get("paced"):
+            v["paced"] = {kk: vv for kk, vv in v["paced"].items() if kk != "raw"}
     data["backlog"] = backlog
     (out / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     for name, r in results.items():

@@ -28,6 +28,15 @@ request = function()
   return wrk.format("POST", nil, headers, body)
 end
 
+-- With DELAY_MS set, each connection waits that long before its next request: a paced load
+-- (connections x 1000 / DELAY_MS requests/s at most) that measures latency below saturation.
+local pace = tonumber(os.getenv("DELAY_MS") or "0")
+if pace > 0 then
+  delay = function()
+    return pace
+  end
+end
+
 -- With LIMIT set (requests per thread), a thread stops once it has sent that many: the
 -- backlog phase fills the spool with an exact count instead of a duration's worth.
 local limit = tonumber(os.getenv("LIMIT") or "0")
