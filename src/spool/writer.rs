@@ -9,7 +9,8 @@
 //!
 //! Attempt results are the exception: losing one to a power cut only means the delivery is
 //! made again (at least once), so a batch of nothing but results is written without an
-//! fsync; the next fsync of the file (the next accepted event's) makes them durable too.
+//! fsync; the next fsync of the file (the next accepted event's, or the one that seals the
+//! segment) makes them durable too.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -339,6 +340,12 @@ impl Writer {
     fn maintain(&mut self) -> Result<(), SpoolError> {
         self.last_maintenance = Instant::now();
         if self.active_size >= self.segment_bytes {
+            // Results written without an fsync may end the segment being sealed, and later
+            // fsyncs go to the next file only. A power cut could then tear a segment that is
+            // no longer the last, which start-up rightly refuses as damage: seal it durably.
+            self.active
+                .sync_data()
+                .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))?;
             let number = self.active_number + 1;
             let (file, read) = super::create_segment(&self.dir, number)?;
             self.inner.add_segment(number, read)?;
