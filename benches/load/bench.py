@@ -338,15 +338,17 @@ def report(results, backlog):
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.md").write_text(text + "\n")
-    data = {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in results.items()}
-    for v in data.values():
-        if v.get("paced"):
-            v["paced"] = {kk: vv for kk, vv in v["paced"].items() if kk != "raw"}
+    data = {name: without_raw(r) for name, r in results.items()}
     data["backlog"] = backlog
     (out / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     for name, r in results.items():
         if r["socket_errors"]:
             print(f"{name}: {r['socket_errors']}", file=sys.stderr)
+
+
+def without_raw(result):
+    """A wrk result (and its paced run's) without wrk's raw output, for the JSON file."""
+    return {k: without_raw(v) if isinstance(v, dict) else v for k, v in result.items() if k != "raw"}
 
 
 def fmt(value):
