@@ -77,15 +77,6 @@ impl Done {
     }
 }
 
-/// What a batch put in the file, and so whether it must be fsynced before its answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wrote {
-    Nothing,
-    /// Only attempt results: a loss means a repeated delivery, never a lost event.
-    ResultsOnly,
-    Durable,
-}
-
 /// The writer's state, owned by its thread.
 pub struct Writer {
     pub(super) inner: Arc<Inner>,
@@ -134,7 +125,7 @@ impl Writer {
                 finished.into_iter().for_each(|d| d.send(None));
                 done = durable;
             }
-            match written.and_then(|wrote| self.sync(wrote)) {
+            match written.and_then(|must_sync| self.sync(must_sync)) {
                 Ok(synced) => {
                     if synced {
                         self.metrics.observe_spool_commit(size, started.elapsed());
@@ -167,13 +158,15 @@ impl Writer {
         }
     }
 
-    /// Encodes and applies a batch and writes it (not yet fsynced). Returns what was written.
+    /// Encodes and applies a batch and writes it (not yet fsynced). Returns whether it must be
+    /// fsynced before its answers: it wrote something, and not only attempt results (whose
+    /// loss means a repeated delivery, never a lost event).
     fn write_batch(
         &mut self,
         batch: Vec<Op>,
         done: &mut Vec<Done>,
         deltas: &mut Deltas,
-    ) -> Result<Wrote, SpoolError> {
+    ) -> Result<bool, SpoolError> {
         if let Some(e) = self.inner.failure() {
             done.extend(batch.into_iter().map(Done::abandon));
             return Err(e);
@@ -188,28 +181,29 @@ impl Writer {
             done.push(self.encode(&mut state, op, now, &mut buf, deltas));
         }
         if buf.is_empty() {
-            return Ok(Wrote::Nothing);
+            return Ok(false);
         }
         self.active
             .write_all(&buf)
             .map_err(|e| SpoolError::Storage(format!("write: {e}")))?;
         self.active_size += buf.len() as u64;
-        Ok(if results_only {
-            Wrote::ResultsOnly
-        } else {
-            Wrote::Durable
-        })
+        Ok(!results_only)
     }
 
     /// Makes a written batch durable if it has to be. Returns whether it fsynced.
-    fn sync(&mut self, wrote: Wrote) -> Result<bool, SpoolError> {
-        if wrote != Wrote::Durable || self.commit != Commit::Durable {
+    fn sync(&mut self, must_sync: bool) -> Result<bool, SpoolError> {
+        if !must_sync || self.commit != Commit::Durable {
             return Ok(false);
         }
+        self.fsync_active()?;
+        Ok(true)
+    }
+
+    /// fdatasync of the active segment.
+    fn fsync_active(&self) -> Result<(), SpoolError> {
         self.active
             .sync_data()
-            .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))?;
-        Ok(true)
+            .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))
     }
 
     /// Encodes one change into `buf` and applies it to the index.
@@ -343,9 +337,7 @@ impl Writer {
             // Results written without an fsync may end the segment being sealed, and later
             // fsyncs go to the next file only. A power cut could then tear a segment that is
             // no longer the last, which start-up rightly refuses as damage: seal it durably.
-            self.active
-                .sync_data()
-                .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))?;
+            self.fsync_active()?;
             let number = self.active_number + 1;
             let (file, read) = super::create_segment(&self.dir, number)?;
             self.inner.add_segment(number, read)?;
