@@ -109,6 +109,12 @@ impl ServeHttp for Admin {
                         StatusCode::SERVICE_UNAVAILABLE,
                         json!({"status": "spool failed", "message": e.to_string()}),
                     )
+                } else if let Some(e) = self.spool.full() {
+                    // Passes by itself: events are accepted again once a write succeeds.
+                    json_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "disk full", "message": e.to_string()}),
+                    )
                 } else if !self.listeners_up().await {
                     json_reply(
                         StatusCode::SERVICE_UNAVAILABLE,

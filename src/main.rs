@@ -34,6 +34,11 @@ struct Cli {
     /// Take over the listeners of a running instance (Pingora's graceful upgrade).
     #[arg(short = 'u', long = "upgrade")]
     upgrade: bool,
+    /// Make a damaged spool startable and exit: bytes that are not whole records are moved to
+    /// `.damaged` files beside their segment, every whole record is kept. Run it only when
+    /// start-up refuses a damaged spool, with the gateway stopped.
+    #[arg(long = "repair-spool")]
+    repair_spool: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -81,6 +86,9 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
+    if cli.repair_spool {
+        return repair_spool(&config.spool_path);
+    }
     actiongate::logging::init(config.log.format, &config.log.level);
     let mode = Mode {
         daemon: cli.daemon,
@@ -95,6 +103,26 @@ fn main() -> ExitCode {
         }
         Err(why) => {
             eprintln!("actiongate: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn repair_spool(dir: &Path) -> ExitCode {
+    match actiongate::spool::repair(dir) {
+        Ok(lines) if lines.is_empty() => {
+            println!("{}: no damage found; nothing changed", dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            println!("{}: repaired; start the gateway as usual", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("actiongate: cannot repair {}: {e}", dir.display());
             ExitCode::from(1)
         }
     }

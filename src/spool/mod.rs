@@ -22,7 +22,8 @@ use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,7 +36,8 @@ pub use state::MAX_UPSTREAMS;
 use state::{Deltas, State};
 use writer::{Files, Op, Writer};
 
-/// Queued changes beyond which new events are refused with 503 rather than waiting.
+/// Queued changes beyond which new events are refused with 503 rather than waiting. Attempt
+/// results are not counted and never refused (see [`writer`]).
 const QUEUE_DEPTH: usize = 16_384;
 
 /// Why the spool could not do something.
@@ -43,6 +45,8 @@ const QUEUE_DEPTH: usize = 16_384;
 pub enum SpoolError {
     /// Too many changes queued: the disk is not keeping up.
     Busy,
+    /// The filesystem is full. Passes by itself: writing resumes once space is freed.
+    Full(String),
     /// The writer has stopped (shutdown).
     Closed,
     /// The disk refused a write or an fsync, or the log is damaged. After a failed write the
@@ -56,6 +60,7 @@ impl fmt::Display for SpoolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SpoolError::Busy => f.write_str("spool is busy (write queue full)"),
+            SpoolError::Full(e) => write!(f, "spool disk is full ({e})"),
             SpoolError::Closed => f.write_str("spool is closed"),
             SpoolError::Storage(e) => write!(f, "spool storage error: {e}"),
             SpoolError::Locked(e) => f.write_str(e),
@@ -112,7 +117,9 @@ struct Shared {
     inner: Arc<Inner>,
     /// Started lazily: a daemonizing server forks after the spool is opened, and threads do not
     /// survive a fork.
-    sender: Mutex<Option<SyncSender<Op>>>,
+    sender: Mutex<Option<Sender<Op>>>,
+    /// Bounded changes queued for the writer (see [`QUEUE_DEPTH`]).
+    queued: Arc<AtomicUsize>,
     writer_state: Mutex<Option<Writer>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Woken after a commit that made new deliveries due.
@@ -126,6 +133,9 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     files: Mutex<Files>,
     failure: Mutex<Option<SpoolError>>,
+    /// Set while the disk is full; `full_flag` lets a successful write skip the lock.
+    full: Mutex<Option<SpoolError>>,
+    full_flag: AtomicBool,
 }
 
 impl Inner {
@@ -143,6 +153,31 @@ impl Inner {
 
     fn failure(&self) -> Option<SpoolError> {
         self.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Records that the disk is full (`Some`) or no longer is (`None`). Returns whether that
+    /// changed.
+    fn set_full(&self, full: Option<&SpoolError>) -> bool {
+        if full.is_none() && !self.full_flag.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut slot) = self.full.lock() else {
+            return false;
+        };
+        let changed = slot.is_some() != full.is_some();
+        *slot = full.cloned();
+        self.full_flag.store(full.is_some(), Ordering::Release);
+        if changed && full.is_none() {
+            log::warn!("spool: writing again after the disk was full");
+        }
+        changed
+    }
+
+    fn full(&self) -> Option<SpoolError> {
+        if !self.full_flag.load(Ordering::Acquire) {
+            return None;
+        }
+        self.full.lock().ok().and_then(|f| f.clone())
     }
 
     fn add_segment(&self, number: u64, read: File) -> Result<(), SpoolError> {
@@ -182,6 +217,111 @@ pub fn now_ms() -> u64 {
 
 fn storage(what: impl fmt::Display, e: impl fmt::Display) -> SpoolError {
     SpoolError::Storage(format!("{what}: {e}"))
+}
+
+/// Creates the spool directory if needed and takes its lock: one process per spool.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| storage(format!("cannot create {}", dir.display()), e))?;
+    let lock_path = dir.join("LOCK");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| storage(lock_path.display(), e))?;
+    lock.try_lock().map_err(|_| {
+        SpoolError::Locked(format!(
+            "{} is in use by another actiongate process",
+            dir.display()
+        ))
+    })?;
+    Ok(lock)
+}
+
+/// The numbers of the segment files in `dir`, oldest first.
+fn segment_numbers(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    let mut numbers: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| storage(dir.display(), e))?
+        .filter_map(|entry| {
+            entry
+                .ok()?
+                .file_name()
+                .to_str()
+                .and_then(segment::segment_number)
+        })
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Makes a damaged spool startable: in every segment, bytes that are not whole records are
+/// moved to a `.damaged` file beside it and every whole record is kept. Returns one line per
+/// piece set aside. What the damaged bytes held is lost (an accepted event, or a result whose
+/// delivery will then be made again); everything else is delivered as usual.
+pub fn repair(dir: &Path) -> Result<Vec<String>, SpoolError> {
+    let _lock = lock_dir(dir)?;
+    let mut report = Vec::new();
+    for number in segment_numbers(dir)? {
+        let path = segment::segment_path(dir, number);
+        let data = std::fs::read(&path).map_err(|e| storage(path.display(), e))?;
+        let mut kept = Vec::with_capacity(data.len());
+        let mut pos = 0;
+        while pos < data.len() {
+            let Err(damage) = segment::read_segment(&data[pos..], |_, _| {}) else {
+                kept.extend_from_slice(&data[pos..]);
+                break;
+            };
+            let bad = pos + damage.at;
+            kept.extend_from_slice(&data[pos..bad]);
+            let resume = segment::next_record(&data, bad + 1).unwrap_or(data.len());
+            let aside = set_aside(&path, &data[bad..resume], "damaged")?;
+            report.push(format!(
+                "{}: {} bytes from offset {bad} ({}) moved to {}",
+                path.display(),
+                resume - bad,
+                damage.why.split(" at offset").next().unwrap_or(&damage.why),
+                aside.display()
+            ));
+            pos = resume;
+        }
+        if kept.len() != data.len() {
+            let tmp = path.with_extension("log.repairing");
+            std::fs::write(&tmp, &kept)
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(|e| storage(path.display(), e))?;
+        }
+    }
+    Ok(report)
+}
+
+/// Writes `bytes` cut from `segment` to a new file beside it (`<segment>.<what>`, numbered if
+/// one exists) and makes it durable before the segment is changed.
+fn set_aside(segment: &Path, bytes: &[u8], what: &str) -> Result<PathBuf, SpoolError> {
+    let name = segment
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = segment.parent().unwrap_or(Path::new("."));
+    let path = (0u32..)
+        .map(|n| match n {
+            0 => dir.join(format!("{name}.{what}")),
+            n => dir.join(format!("{name}.{what}.{n}")),
+        })
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| dir.join(format!("{name}.{what}")));
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| storage(path.display(), e))?;
+    std::io::Write::write_all(&mut file, bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| File::open(dir)?.sync_all())
+        .map_err(|e| storage(path.display(), e))?;
+    Ok(path)
 }
 
 /// Creates segment `number` (append handle, read handle) and makes its name durable.
@@ -242,33 +382,8 @@ impl Spool {
         commit: Commit,
         segment_bytes: u64,
     ) -> Result<Spool, SpoolError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| storage(format!("cannot create {}", dir.display()), e))?;
-        let lock_path = dir.join("LOCK");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| storage(lock_path.display(), e))?;
-        lock.try_lock().map_err(|_| {
-            SpoolError::Locked(format!(
-                "{} is in use by another actiongate process",
-                dir.display()
-            ))
-        })?;
-
-        let mut numbers: Vec<u64> = std::fs::read_dir(dir)
-            .map_err(|e| storage(dir.display(), e))?
-            .filter_map(|entry| {
-                entry
-                    .ok()?
-                    .file_name()
-                    .to_str()
-                    .and_then(segment::segment_number)
-            })
-            .collect();
-        numbers.sort_unstable();
+        let lock = lock_dir(dir)?;
+        let numbers = segment_numbers(dir)?;
         let mut state = State::default();
         let mut files = Files::new();
         let mut ignored = Deltas::default();
@@ -280,26 +395,33 @@ impl Spool {
             let replayed = segment::read_segment(&data, |offset, record| {
                 state.apply(number, offset as u64, record, &mut ignored);
             });
-            if let Err(torn) = replayed {
-                if i + 1 < numbers.len() {
+            if let Err(damage) = replayed {
+                if i + 1 < numbers.len() || damage.committed_after {
                     return Err(SpoolError::Storage(format!(
-                        "{} is damaged ({}); move it aside to start without it",
+                        "{} is damaged at offset {} ({}), and acknowledged records follow the \
+                         damage, so it is not a write cut short by a crash. Nothing was changed. \
+                         To start with every intact record and the damaged bytes set aside in \
+                         a .damaged file, run `actiongate -c <config> --repair-spool`",
                         path.display(),
-                        torn.why
+                        damage.at,
+                        damage.why
                     )));
                 }
-                // The tail of the last segment: a batch the crash cut short. Nothing in it was
-                // acknowledged, so it is dropped.
+                // A batch the crash cut short: nothing in it was acknowledged. Its bytes are
+                // kept aside for a post-mortem, then cut off.
+                let kept = set_aside(&path, &data[damage.at..], "torn")?;
                 log::warn!(
-                    "spool: {} ends in a partial write ({}); truncating",
+                    "spool: {} ends in a write cut short ({}); its last {} bytes moved to {}",
                     path.display(),
-                    torn.why
+                    damage.why,
+                    data.len() - damage.at,
+                    kept.display()
                 );
                 let file = File::options()
                     .write(true)
                     .open(&path)
                     .map_err(|e| storage(path.display(), e))?;
-                file.set_len(torn.valid_len as u64)
+                file.set_len(damage.at as u64)
                     .and_then(|()| file.sync_all())
                     .map_err(|e| storage(path.display(), e))?;
             }
@@ -342,7 +464,10 @@ impl Spool {
             state: Mutex::new(state),
             files: Mutex::new(files),
             failure: Mutex::new(None),
+            full: Mutex::new(None),
+            full_flag: AtomicBool::new(false),
         });
+        let queued = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             inner: inner.clone(),
             dir: PathBuf::from(dir),
@@ -354,11 +479,16 @@ impl Spool {
             commit,
             last_maintenance: Instant::now() - Duration::from_secs(3600),
             segment_bytes,
+            queued: queued.clone(),
+            unsynced_since: None,
+            held: Vec::new(),
+            seal_deferred: false,
         };
         Ok(Spool {
             shared: Arc::new(Shared {
                 inner,
                 sender: Mutex::new(None),
+                queued,
                 writer_state: Mutex::new(Some(writer)),
                 writer_thread: Mutex::new(None),
                 work: Arc::new(Notify::new()),
@@ -377,7 +507,7 @@ impl Spool {
                 .map_err(|_| SpoolError::Closed)?
                 .take()
                 .ok_or(SpoolError::Closed)?;
-            let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+            let (tx, rx) = mpsc::channel();
             // The thread must not hold `shared`: it owns the sender whose drop ends the thread.
             let work = self.shared.work.clone();
             let thread = std::thread::Builder::new()
@@ -390,9 +520,16 @@ impl Spool {
             *sender = Some(tx);
         }
         let tx = sender.as_ref().ok_or(SpoolError::Closed)?;
-        tx.try_send(op).map_err(|e| match e {
-            TrySendError::Full(_) => SpoolError::Busy,
-            TrySendError::Disconnected(_) => SpoolError::Closed,
+        let bounded = op.is_bounded();
+        if bounded && self.shared.queued.fetch_add(1, Ordering::AcqRel) >= QUEUE_DEPTH {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SpoolError::Busy);
+        }
+        tx.send(op).map_err(|_| {
+            if bounded {
+                self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            SpoolError::Closed
         })
     }
 
@@ -426,9 +563,15 @@ impl Spool {
         self.call(|reply| Op::Purge(id, reply)).await
     }
 
-    /// Why the spool refuses changes, if it does (a failed write or fsync).
+    /// Why the spool refuses changes until a restart, if it does (a failed write or fsync).
     pub fn failure(&self) -> Option<SpoolError> {
         self.shared.inner.failure()
+    }
+
+    /// Why new events are refused for now, if they are: the disk is full. Clears by itself
+    /// once a write succeeds again.
+    pub fn full(&self) -> Option<SpoolError> {
+        self.shared.inner.full()
     }
 
     /// Waits until a commit makes new deliveries due. Create the future and `enable` it before

@@ -2,9 +2,14 @@
 //!
 //! A segment (`seg-NNNNNNNNNN.log`) is a sequence of records, each
 //! `[u32 length][u32 crc32 of the body][body]`, little-endian, where the body is a type byte and
-//! its fields. A write that a crash cut short fails its length or CRC check: recovery keeps
-//! every record before it and truncates the rest, which is safe because nothing in a batch is
-//! acknowledged before the whole batch is fsynced.
+//! its fields. Every fsync is preceded by a `Commit` record in the same write, so a commit
+//! record that reads back whole proves that everything before it was once on disk.
+//!
+//! That is what tells the two kinds of bad record apart. A write that a crash cut short (a torn
+//! tail) is followed by no whole commit record: nothing in it was acknowledged, and recovery
+//! cuts it off. A bad record *followed* by a whole commit record sits in bytes that were
+//! fsynced and acknowledged: that is damage, and recovery refuses to guess
+//! ([`Damage::committed_after`]).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +21,13 @@ const ATTEMPT: u8 = 2;
 const REPLAY: u8 = 3;
 const PURGE: u8 = 4;
 const DEDUP: u8 = 5;
+const COMMIT: u8 = 6;
+const SEQ: u8 = 7;
+const STATE: u8 = 8;
+
+/// Longest record body decoded: a body is limited by `limits.max_body` (at most
+/// [`crate::config::MAX_BODY_LIMIT`]) plus its fields. Anything longer is damage.
+pub const MAX_RECORD: usize = (64 << 20) + (1 << 20);
 
 /// How an attempt (or a decision not to attempt) ended, as logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +38,30 @@ pub enum AttemptKind {
     Dead,
     /// Dead-lettered without an attempt (its upstream left the config).
     DeadUnattempted,
+}
+
+/// Where a delivery stands, as a [`Record::State`] snapshot says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    Pending,
+    Dead,
+    /// Delivered, skipped or purged: nothing left to do.
+    Done,
+}
+
+/// A delivery's whole state, written when the records it was built from are about to be
+/// deleted with their segment. It replaces, rather than adds to, what came before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: u64,
+    pub kind: StateKind,
+    pub attempts: u32,
+    pub due_ms: u64,
+    pub first_attempt_ms: Option<u64>,
+    pub last_attempt_ms: Option<u64>,
+    pub last_status: Option<u16>,
+    pub dead_ms: Option<u64>,
+    pub last_error: Option<String>,
 }
 
 /// One decoded record. `Accept` gives the body's position instead of a copy of it.
@@ -62,6 +98,15 @@ pub enum Record {
         key: String,
         expires_ms: u64,
     },
+    /// Everything before it was fsynced together with it.
+    Commit,
+    /// The first record of a segment: sequence numbers go on from here, even when every
+    /// segment that held the newest accepted events has been deleted.
+    Seq {
+        next: u64,
+    },
+    /// A delivery's state carried forward from a segment being deleted.
+    State(Snapshot),
 }
 
 pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -194,39 +239,127 @@ pub fn encode_dedup(buf: &mut Vec<u8>, key: &str, expires_ms: u64) {
     e.finish();
 }
 
-/// Why reading a segment stopped before its end.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Torn {
-    /// Bytes of whole, valid records before the damage.
-    pub valid_len: usize,
-    pub why: String,
+pub fn encode_commit(buf: &mut Vec<u8>) {
+    Encoder::begin(buf, COMMIT).finish();
 }
 
-/// Decodes every record of a segment's bytes, calling `each(offset, record)`. Returns where the
-/// valid records end if the segment ends in a damaged or partial record.
-pub fn read_segment(data: &[u8], mut each: impl FnMut(usize, Record)) -> Result<(), Torn> {
+pub fn encode_seq(buf: &mut Vec<u8>, next: u64) {
+    let mut e = Encoder::begin(buf, SEQ);
+    e.u64(next);
+    e.finish();
+}
+
+pub fn encode_state(buf: &mut Vec<u8>, s: &Snapshot) {
+    let kind = match s.kind {
+        StateKind::Pending => 0u16,
+        StateKind::Dead => 1,
+        StateKind::Done => 2,
+    };
+    let mut e = Encoder::begin(buf, STATE);
+    e.u64(s.id)
+        .u16(kind)
+        .u64(u64::from(s.attempts))
+        .u64(s.due_ms)
+        .u64(s.first_attempt_ms.map_or(0, |v| v + 1))
+        .u64(s.last_attempt_ms.map_or(0, |v| v + 1))
+        .u16(s.last_status.unwrap_or(0))
+        .u64(s.dead_ms.map_or(0, |v| v + 1))
+        .u16(u16::from(s.last_error.is_some()))
+        .str(s.last_error.as_deref().unwrap_or(""));
+    e.finish();
+}
+
+/// Encodes any record but `Accept`, which is encoded with its body by [`encode_accept`].
+pub fn encode_record(buf: &mut Vec<u8>, record: &Record) {
+    match record {
+        Record::Accept { .. } => debug_assert!(false, "accept records carry a body"),
+        Record::Attempt {
+            id,
+            kind,
+            at_ms,
+            due_ms,
+            status,
+            error,
+        } => encode_attempt(buf, *id, *kind, *at_ms, *due_ms, *status, error),
+        Record::Replay { id, at_ms } => encode_replay(buf, *id, *at_ms),
+        Record::Purge { id } => encode_purge(buf, *id),
+        Record::Dedup { key, expires_ms } => encode_dedup(buf, key, *expires_ms),
+        Record::Commit => encode_commit(buf),
+        Record::Seq { next } => encode_seq(buf, *next),
+        Record::State(snapshot) => encode_state(buf, snapshot),
+    }
+}
+
+/// Why reading a segment stopped before its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Offset of the first bad record: every record before it is whole.
+    pub at: usize,
+    pub why: String,
+    /// A whole commit record follows the bad one: the bad bytes had been fsynced (and what
+    /// they held acknowledged), so this is damage to stored data, not a write cut short.
+    pub committed_after: bool,
+}
+
+/// The record starting at `at`, and its length with the header, or why there is none.
+fn record_at(data: &[u8], at: usize) -> Result<(Record, usize), &'static str> {
+    let Some(header) = data.get(at..at + HEADER) else {
+        return Err("partial record header");
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if len == 0 || len > MAX_RECORD {
+        return Err("impossible record length");
+    }
+    let Some(body) = data.get(at + HEADER..at + HEADER + len) else {
+        return Err("partial record");
+    };
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch");
+    }
+    let record = decode(body).ok_or("undecodable record")?;
+    Ok((record, HEADER + len))
+}
+
+/// Decodes every record of a segment's bytes, calling `each(offset, record)`. Stops at the
+/// first bad record and says where it is and whether committed data follows it.
+pub fn read_segment(data: &[u8], mut each: impl FnMut(usize, Record)) -> Result<(), Damage> {
     let mut at = 0;
     while at < data.len() {
-        let torn = |why: &str| Torn {
-            valid_len: at,
-            why: format!("{why} at offset {at}"),
-        };
-        let Some(header) = data.get(at..at + HEADER) else {
-            return Err(torn("partial record header"));
-        };
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let Some(body) = data.get(at + HEADER..at + HEADER + len) else {
-            return Err(torn("partial record"));
-        };
-        if len == 0 || crc32fast::hash(body) != crc {
-            return Err(torn("checksum mismatch"));
+        match record_at(data, at) {
+            Ok((record, len)) => {
+                each(at, record);
+                at += len;
+            }
+            Err(why) => {
+                return Err(Damage {
+                    at,
+                    why: format!("{why} at offset {at}"),
+                    committed_after: commit_after(data, at + 1),
+                })
+            }
         }
-        let record = decode(body).ok_or_else(|| torn("undecodable record"))?;
-        each(at, record);
-        at += HEADER + len;
     }
     Ok(())
+}
+
+/// Whether a whole commit record starts anywhere at or after `from`. A commit record has a
+/// fixed length, so the scan checks a CRC only where that length is found.
+fn commit_after(data: &[u8], from: usize) -> bool {
+    let len = 1u32.to_le_bytes();
+    let crc = crc32fast::hash(&[COMMIT]).to_le_bytes();
+    let mut pattern = [0u8; HEADER + 1];
+    pattern[..4].copy_from_slice(&len);
+    pattern[4..8].copy_from_slice(&crc);
+    pattern[8] = COMMIT;
+    data.get(from..)
+        .is_some_and(|rest| rest.windows(pattern.len()).any(|w| w == pattern))
+}
+
+/// The offset of the next whole record at or after `from`, if any: where a repair resumes
+/// after skipping damaged bytes.
+pub fn next_record(data: &[u8], from: usize) -> Option<usize> {
+    (from..data.len()).find(|&at| record_at(data, at).is_ok())
 }
 
 struct Reader<'a> {
@@ -269,7 +402,7 @@ impl<'a> Reader<'a> {
 
 fn decode(body: &[u8]) -> Option<Record> {
     let mut r = Reader { data: body, at: 1 };
-    Some(match *body.first()? {
+    let record = Some(match *body.first()? {
         ACCEPT => {
             let seq = r.u64()?;
             let accepted_ms = r.u64()?;
@@ -324,15 +457,48 @@ fn decode(body: &[u8]) -> Option<Record> {
             key: r.string()?,
             expires_ms: r.u64()?,
         },
+        COMMIT => Record::Commit,
+        SEQ => Record::Seq { next: r.u64()? },
+        STATE => {
+            let id = r.u64()?;
+            let kind = match r.u16()? {
+                0 => StateKind::Pending,
+                1 => StateKind::Dead,
+                2 => StateKind::Done,
+                _ => return None,
+            };
+            let attempts = u32::try_from(r.u64()?).ok()?;
+            let due_ms = r.u64()?;
+            let optional = |v: u64| v.checked_sub(1);
+            let first_attempt_ms = optional(r.u64()?);
+            let last_attempt_ms = optional(r.u64()?);
+            let last_status = Some(r.u16()?).filter(|s| *s != 0);
+            let dead_ms = optional(r.u64()?);
+            let has_error = r.u16()? == 1;
+            let error = r.string()?;
+            Record::State(Snapshot {
+                id,
+                kind,
+                attempts,
+                due_ms,
+                first_attempt_ms,
+                last_attempt_ms,
+                last_status,
+                dead_ms,
+                last_error: has_error.then_some(error),
+            })
+        }
         _ => return None,
-    })
+    })?;
+    // Trailing bytes mean the record is not what its type says.
+    (r.at == body.len()).then_some(record)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn records(data: &[u8]) -> (Vec<(usize, Record)>, Result<(), Torn>) {
+    fn records(data: &[u8]) -> (Vec<(usize, Record)>, Result<(), Damage>) {
         let mut out = Vec::new();
         let result = read_segment(data, |at, r| out.push((at, r)));
         (out, result)
@@ -413,8 +579,81 @@ mod tests {
         for cut in whole + 1..buf.len() {
             let (got, result) = records(&buf[..cut]);
             assert_eq!(got.len(), 1, "cut at {cut}");
-            assert_eq!(result.unwrap_err().valid_len, whole);
+            let damage = result.unwrap_err();
+            assert_eq!(damage.at, whole);
+            assert!(!damage.committed_after, "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn new_record_kinds_round_trip() {
+        let snapshot = Snapshot {
+            id: 9 << 8 | 1,
+            kind: StateKind::Dead,
+            attempts: 3,
+            due_ms: 10,
+            first_attempt_ms: Some(0),
+            last_attempt_ms: Some(12),
+            last_status: Some(502),
+            dead_ms: Some(13),
+            last_error: Some(String::new()),
+        };
+        let done = Snapshot {
+            kind: StateKind::Done,
+            first_attempt_ms: None,
+            last_error: None,
+            ..snapshot.clone()
+        };
+        let mut buf = Vec::new();
+        encode_seq(&mut buf, 42);
+        encode_state(&mut buf, &snapshot);
+        encode_state(&mut buf, &done);
+        encode_commit(&mut buf);
+        let (got, result) = records(&buf);
+        assert_eq!(result, Ok(()));
+        let got: Vec<Record> = got.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(
+            got,
+            vec![
+                Record::Seq { next: 42 },
+                Record::State(snapshot),
+                Record::State(done),
+                Record::Commit
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_record_before_a_commit_is_damage_and_after_the_last_commit_a_torn_tail() {
+        let mut buf = Vec::new();
+        encode_purge(&mut buf, 1);
+        let second = buf.len();
+        encode_accept(&mut buf, 2, 0, 0, "a", "e", &["u"], &[7u8; 100]);
+        encode_commit(&mut buf);
+        let committed = buf.len();
+        encode_purge(&mut buf, 3);
+        // A flipped byte anywhere in the committed accept record (header or body).
+        for at in second..committed - HEADER - 1 {
+            let mut damaged = buf.clone();
+            damaged[at] ^= 0x40;
+            let (got, result) = records(&damaged);
+            let damage = result.unwrap_err();
+            assert_eq!((got.len(), damage.at), (1, second), "flip at {at}");
+            assert!(damage.committed_after, "flip at {at}");
+        }
+        // In the record after the last commit: not acknowledged, a torn tail.
+        for at in committed..buf.len() {
+            let mut damaged = buf.clone();
+            damaged[at] ^= 0x40;
+            let damage = records(&damaged).1.unwrap_err();
+            assert_eq!(damage.at, committed, "flip at {at}");
+            assert!(!damage.committed_after, "flip at {at}");
+        }
+        // Repair finds where whole records resume after the damage.
+        let mut damaged = buf.clone();
+        damaged[second + HEADER + 3] ^= 0x40;
+        let resume = next_record(&damaged, second + 1).unwrap();
+        assert_eq!(resume, committed - HEADER - 1);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! restarted spool is exactly the one that stopped.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use super::record::{lane_key, DeliveryRecord};
-use super::segment::{AttemptKind, Record};
+use super::segment::{AttemptKind, Record, Snapshot, StateKind};
 
 /// An accepted event whose bytes some delivery still needs.
 #[derive(Debug, Clone, Copy)]
@@ -19,12 +20,19 @@ pub struct EventEntry {
     pub remaining: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// What a segment holds that the state is rebuilt from.
+#[derive(Debug, Clone, Default)]
 pub struct SegmentInfo {
     /// Events whose bytes live in this segment and are still needed.
     pub live_events: u32,
-    /// Latest expiry of a dedup key recorded in this segment.
-    pub max_dedup_expiry: u64,
+    /// Dedup keys recorded here (some may since have expired or been recorded again later).
+    pub dedup: Vec<Arc<str>>,
+    /// The last sequence number accepted here (the first is in [`State::seq_starts`]).
+    pub last_seq: u64,
+    /// Deliveries with a record here whose event was accepted in an older segment, with that
+    /// segment. While that segment exists its accept record recreates the delivery at
+    /// start-up, so the delivery's fate must outlive this segment: see [`State::carry`].
+    pub refs: HashMap<u64, u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -49,10 +57,21 @@ pub struct State {
     pub dead: BTreeMap<u64, DeliveryRecord>,
     /// Lane → (due ms, delivery id).
     pub due: HashMap<String, BTreeSet<(u64, u64)>>,
-    dedup: HashMap<String, DedupEntry>,
+    dedup: HashMap<Arc<str>, DedupEntry>,
     /// Dedup keys in insertion order, for purging expired ones cheaply.
-    dedup_order: VecDeque<(u64, String)>,
+    dedup_order: VecDeque<(u64, Arc<str>)>,
     pub segments: BTreeMap<u64, SegmentInfo>,
+    /// First sequence number accepted in a segment → that segment. Sequence numbers grow with
+    /// the log, so this finds the segment holding any event's accept record, even after the
+    /// event itself is forgotten.
+    seq_starts: BTreeMap<u64, u64>,
+}
+
+/// Records to write before a segment can be deleted without changing the rebuilt state.
+#[derive(Debug, Default)]
+pub struct Carry {
+    pub dedup: Vec<(Arc<str>, u64)>,
+    pub states: Vec<Snapshot>,
 }
 
 /// The dedup key of (action, event_id).
@@ -63,6 +82,11 @@ pub fn dedup_key(action: &str, event_id: &str) -> String {
 /// Delivery ids are the event's sequence number and the upstream's index: no counter to keep.
 pub fn delivery_id(seq: u64, index: usize) -> u64 {
     (seq << 8) | index as u64
+}
+
+/// The sequence number of a delivery's event.
+pub fn delivery_seq(id: u64) -> u64 {
+    id >> 8
 }
 
 pub const MAX_UPSTREAMS: usize = 256;
@@ -102,7 +126,15 @@ impl State {
                 );
                 let info = self.segments.entry(segment).or_default();
                 info.live_events += 1;
-                self.remember_dedup(dedup_key(&action, &event_id), dedup_expires_ms, segment);
+                if info.last_seq == 0 {
+                    self.seq_starts.insert(seq, segment);
+                }
+                info.last_seq = info.last_seq.max(seq);
+                self.remember_dedup(
+                    Arc::from(dedup_key(&action, &event_id)),
+                    dedup_expires_ms,
+                    segment,
+                );
                 for (index, upstream) in upstreams.into_iter().enumerate() {
                     let record = DeliveryRecord {
                         id: delivery_id(seq, index),
@@ -136,6 +168,7 @@ impl State {
                 let Some(mut record) = self.deliveries.remove(&id) else {
                     return;
                 };
+                self.note_ref(segment, id);
                 self.unqueue(&record);
                 if !matches!(kind, AttemptKind::Skipped | AttemptKind::DeadUnattempted) {
                     record.attempts += 1;
@@ -168,6 +201,7 @@ impl State {
                 let Some(mut record) = self.dead.remove(&id) else {
                     return;
                 };
+                self.note_ref(segment, id);
                 record.attempts = 0;
                 record.dead_ms = None;
                 record.due_ms = at_ms;
@@ -179,11 +213,132 @@ impl State {
             }
             Record::Purge { id } => {
                 if let Some(record) = self.dead.remove(&id) {
+                    self.note_ref(segment, id);
                     *deltas.dead.entry(record.upstream).or_insert(0) -= 1;
                     self.release_event(record.event);
                 }
             }
-            Record::Dedup { key, expires_ms } => self.remember_dedup(key, expires_ms, segment),
+            Record::Dedup { key, expires_ms } => {
+                self.remember_dedup(Arc::from(key), expires_ms, segment)
+            }
+            Record::Commit => {}
+            Record::Seq { next } => self.next_seq = self.next_seq.max(next),
+            Record::State(snapshot) => self.restore(segment, snapshot, deltas),
+        }
+    }
+
+    /// Puts a delivery in the state a snapshot gives, whatever came before it. A delivery no
+    /// longer pending or dead has reached its end, and a snapshot cannot bring it back.
+    fn restore(&mut self, segment: u64, s: Snapshot, deltas: &mut Deltas) {
+        // Noted even when the snapshot changes nothing here: its segment now holds the fact.
+        self.note_ref(segment, s.id);
+        let mut record = if let Some(record) = self.deliveries.remove(&s.id) {
+            self.unqueue(&record);
+            *deltas.pending.entry(record.upstream.clone()).or_insert(0) -= 1;
+            record
+        } else if let Some(record) = self.dead.remove(&s.id) {
+            *deltas.dead.entry(record.upstream.clone()).or_insert(0) -= 1;
+            record
+        } else {
+            return;
+        };
+        record.attempts = s.attempts;
+        record.due_ms = s.due_ms;
+        record.first_attempt_ms = s.first_attempt_ms;
+        record.last_attempt_ms = s.last_attempt_ms;
+        record.last_status = s.last_status;
+        record.last_error = s.last_error;
+        record.dead_ms = s.dead_ms;
+        match s.kind {
+            StateKind::Pending => {
+                *deltas.pending.entry(record.upstream.clone()).or_insert(0) += 1;
+                self.queue(&record);
+                self.deliveries.insert(s.id, record);
+                deltas.new_work = true;
+            }
+            StateKind::Dead => {
+                *deltas.dead.entry(record.upstream.clone()).or_insert(0) += 1;
+                self.dead.insert(s.id, record);
+            }
+            StateKind::Done => self.release_event(record.event),
+        }
+    }
+
+    /// Remembers that `segment` holds a record of delivery `id`, if the delivery's accept
+    /// record is in an older segment that still exists.
+    fn note_ref(&mut self, segment: u64, id: u64) {
+        let Some(event_segment) = self.event_segment(delivery_seq(id)) else {
+            return;
+        };
+        if event_segment < segment {
+            if let Some(info) = self.segments.get_mut(&segment) {
+                info.refs.insert(id, event_segment);
+            }
+        }
+    }
+
+    /// The segment holding the accept record of event `seq`, while it exists.
+    fn event_segment(&self, seq: u64) -> Option<u64> {
+        let (_, segment) = self.seq_starts.range(..=seq).next_back()?;
+        let info = self.segments.get(segment)?;
+        (seq <= info.last_seq).then_some(*segment)
+    }
+
+    /// Forgets a deleted segment.
+    pub fn remove_segment(&mut self, segment: u64) {
+        self.segments.remove(&segment);
+        self.seq_starts.retain(|_, s| *s != segment);
+    }
+
+    /// What must be written elsewhere before `segment` is deleted, so that the state rebuilt
+    /// without it is the state now: its unexpired dedup keys, and a snapshot of every delivery
+    /// it holds a record of whose event's accept record survives in an older segment.
+    ///
+    /// Without the snapshots, deleting a segment would drop the `Delivered` records of events
+    /// kept alive by a sibling (one dead letter pins its segment) and the next start would
+    /// deliver them again.
+    pub fn carry(&self, segment: u64, now_ms: u64) -> Carry {
+        let Some(info) = self.segments.get(&segment) else {
+            return Carry::default();
+        };
+        let dedup = info
+            .dedup
+            .iter()
+            .filter(|key| {
+                self.dedup
+                    .get(&***key)
+                    .is_some_and(|d| d.segment == segment && d.expires_ms > now_ms)
+            })
+            .map(|key| (key.clone(), self.dedup[&**key].expires_ms))
+            .collect();
+        let mut ids: Vec<(u64, u64)> = info
+            .refs
+            .iter()
+            .filter(|(_, event_segment)| self.segments.contains_key(event_segment))
+            .map(|(id, s)| (*id, *s))
+            .collect();
+        ids.sort_unstable();
+        let states = ids.into_iter().map(|(id, _)| self.snapshot(id)).collect();
+        Carry { dedup, states }
+    }
+
+    /// A delivery's whole state as it stands.
+    fn snapshot(&self, id: u64) -> Snapshot {
+        let (kind, record) = match (self.deliveries.get(&id), self.dead.get(&id)) {
+            (Some(r), _) => (StateKind::Pending, Some(r)),
+            (None, Some(r)) => (StateKind::Dead, Some(r)),
+            (None, None) => (StateKind::Done, None),
+        };
+        Snapshot {
+            id,
+            kind,
+            attempts: record.map_or(0, |r| r.attempts),
+            due_ms: record.map_or(0, |r| r.due_ms),
+            first_attempt_ms: record.and_then(|r| r.first_attempt_ms),
+            last_attempt_ms: record.and_then(|r| r.last_attempt_ms),
+            last_status: record.and_then(|r| r.last_status),
+            dead_ms: record.and_then(|r| r.dead_ms),
+            last_error: record.and_then(|r| r.last_error.clone()),
         }
     }
 
@@ -218,9 +373,12 @@ impl State {
         }
     }
 
-    fn remember_dedup(&mut self, key: String, expires_ms: u64, segment: u64) {
-        let info = self.segments.entry(segment).or_default();
-        info.max_dedup_expiry = info.max_dedup_expiry.max(expires_ms);
+    fn remember_dedup(&mut self, key: Arc<str>, expires_ms: u64, segment: u64) {
+        self.segments
+            .entry(segment)
+            .or_default()
+            .dedup
+            .push(key.clone());
         self.dedup_order.push_back((expires_ms, key.clone()));
         self.dedup.insert(
             key,
@@ -231,12 +389,13 @@ impl State {
         );
     }
 
-    /// Forgets up to `limit` expired dedup keys.
-    pub fn purge_expired_dedup(&mut self, now_ms: u64, limit: usize) {
+    /// Forgets up to `limit` expired dedup keys. Returns whether more have expired: the
+    /// writer purges in slices between batches, so that no ack waits behind a long purge.
+    pub fn purge_expired_dedup(&mut self, now_ms: u64, limit: usize) -> bool {
         for _ in 0..limit {
             match self.dedup_order.front() {
                 Some((expires, _)) if *expires <= now_ms => {}
-                _ => return,
+                _ => return false,
             }
             if let Some((expires, key)) = self.dedup_order.pop_front() {
                 if self
@@ -248,14 +407,8 @@ impl State {
                 }
             }
         }
-    }
-
-    /// Unexpired dedup keys recorded in `segment` (to carry forward before deleting it).
-    pub fn dedup_keys_in(&self, segment: u64, now_ms: u64) -> Vec<(String, u64)> {
-        self.dedup
-            .iter()
-            .filter(|(_, d)| d.segment == segment && d.expires_ms > now_ms)
-            .map(|(k, d)| (k.clone(), d.expires_ms))
-            .collect()
+        self.dedup_order
+            .front()
+            .is_some_and(|(expires, _)| *expires <= now_ms)
     }
 }

@@ -2,6 +2,9 @@ use super::*;
 
 use crate::config::Config;
 
+#[path = "../../tests/support/fs.rs"]
+mod fs;
+
 fn metrics() -> Arc<Metrics> {
     let config = Config::from_yaml(
         r#"
@@ -273,6 +276,11 @@ async fn a_torn_tail_is_truncated_and_everything_before_it_kept() {
         whole,
         "the partial write is cut off"
     );
+    assert_eq!(
+        std::fs::read(path.with_extension("log.torn")).unwrap(),
+        [200, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9],
+        "and kept aside"
+    );
     assert!(matches!(
         spool.append(event("t4")).await.unwrap(),
         Appended::Accepted(_)
@@ -303,7 +311,8 @@ async fn damage_before_the_last_segment_refuses_to_start() {
         .err()
         .unwrap();
     assert!(
-        matches!(&err, SpoolError::Storage(m) if m.contains("seg-0000000001.log is damaged (checksum mismatch")),
+        matches!(&err, SpoolError::Storage(m) if m.contains("seg-0000000001.log is damaged at offset")
+            && m.contains("--repair-spool")),
         "{err}"
     );
 }
@@ -387,28 +396,6 @@ async fn finished_segments_are_deleted_and_their_dedup_keys_carried_forward() {
 }
 
 #[tokio::test]
-async fn after_a_failed_write_every_change_is_refused_and_the_failure_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = open(dir.path());
-    spool.append(event("f1")).await.unwrap();
-    assert_eq!(spool.failure(), None);
-    // What the writer does when write() or fdatasync() fails.
-    let failure = SpoolError::Storage("fsync: No space left on device".into());
-    spool.shared.inner.fail(&failure);
-    assert_eq!(spool.failure(), Some(failure.clone()));
-    assert_eq!(spool.append(event("f2")).await, Err(failure.clone()));
-    let id = spool.due("a/up1", now_ms(), 1, &none()).unwrap()[0];
-    let delivered = Finish::Delivered {
-        at_ms: now_ms(),
-        status: 200,
-    };
-    assert_eq!(spool.finish(id, delivered).await, Err(failure));
-    // Nothing changed: reads still see what was stored before the failure.
-    assert_eq!(spool.counts().unwrap().events, 1);
-    assert_eq!(spool.due("a/up1", now_ms(), 10, &none()).unwrap(), vec![id]);
-}
-
-#[tokio::test]
 async fn attempt_results_alone_are_written_without_an_fsync_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let fsyncs = |metrics: &Metrics| {
@@ -436,4 +423,651 @@ async fn attempt_results_alone_are_written_without_an_fsync_and_survive_a_restar
     let (spool, _) = open(dir.path());
     assert_eq!(spool.due("a/up1", now_ms(), 10, &none()).unwrap().len(), 1);
     assert_eq!(spool.counts().unwrap().pending, 3);
+}
+
+fn delivered() -> Finish {
+    Finish::Delivered {
+        at_ms: now_ms(),
+        status: 200,
+    }
+}
+
+fn dead() -> Finish {
+    Finish::Dead {
+        at_ms: now_ms(),
+        error: "HTTP 400".into(),
+        status: Some(400),
+        attempted: true,
+    }
+}
+
+/// A spool whose segments are sealed past `segment_bytes`, so that a short test spans many.
+fn open_small(dir: &Path, segment_bytes: u64) -> (Spool, Arc<Metrics>) {
+    let m = metrics();
+    let spool = Spool::open_sized(
+        dir,
+        Duration::from_secs(3600),
+        m.clone(),
+        Commit::Durable,
+        segment_bytes,
+    )
+    .unwrap();
+    (spool, m)
+}
+
+/// A directory on tmpfs where there is one (fsync costs nothing there), for tests that commit
+/// thousands of batches.
+fn fast_tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap())
+}
+
+#[tokio::test]
+async fn a_dead_letter_pinning_its_segment_does_not_bring_back_delivered_events_after_restart() {
+    let dir = fast_tempdir();
+    {
+        let (spool, _) = open_small(dir.path(), 1024);
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            spool.append(event(&format!("p{i}"))).await.unwrap();
+        }
+        for lane in ["a/up1", "a/up2"] {
+            ids.extend(spool.due(lane, now_ms(), usize::MAX, &none()).unwrap());
+        }
+        ids.sort_unstable();
+        // The first event's first delivery dies and keeps the first segment; everything else
+        // is delivered newest first, so its results land in segments that are deleted later.
+        spool.finish(ids[0], dead()).await.unwrap();
+        for &id in ids[1..].iter().rev() {
+            spool.finish(id, delivered()).await.unwrap();
+        }
+        for i in 0..40 {
+            spool.append(event(&format!("q{i}"))).await.unwrap();
+        }
+        for lane in ["a/up1", "a/up2"] {
+            for id in spool.due(lane, now_ms(), usize::MAX, &none()).unwrap() {
+                spool.finish(id, delivered()).await.unwrap();
+            }
+        }
+        for i in 0..40 {
+            spool.append(event(&format!("r{i}"))).await.unwrap();
+        }
+        assert!(segments(dir.path()).contains(&"seg-0000000001.log".to_string()));
+    }
+    let (spool, metrics) = open(dir.path());
+    let counts = spool.counts().unwrap();
+    assert_eq!((counts.pending, counts.dead), (80, 1), "only r* pending");
+    for lane in ["a/up1", "a/up2"] {
+        for id in spool.due(lane, now_ms(), usize::MAX, &none()).unwrap() {
+            let (record, _) = spool.load(id).unwrap().unwrap();
+            assert!(record.event_id.starts_with('r'), "{record:?} came back");
+        }
+    }
+    assert_eq!(metrics.pending_deliveries("up1").get(), 40);
+}
+
+/// What must be true of the spool, kept by the model-based test.
+#[derive(Default)]
+struct Model {
+    /// Delivery id → (upstream, attempts, dead).
+    deliveries: BTreeMap<u64, (&'static str, u32, bool)>,
+    accepted: Vec<String>,
+}
+
+impl Model {
+    fn pending(&self) -> Vec<u64> {
+        self.deliveries
+            .iter()
+            .filter(|(_, d)| !d.2)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn dead(&self) -> Vec<u64> {
+        self.deliveries
+            .iter()
+            .filter(|(_, d)| d.2)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn check(&self, spool: &Spool, metrics: &Metrics, at: &str) {
+        let mut pending = BTreeMap::new();
+        for lane in ["a/up1", "a/up2"] {
+            for id in spool.due(lane, u64::MAX, usize::MAX, &none()).unwrap() {
+                let (record, body) = spool.load(id).unwrap().unwrap();
+                assert_eq!(
+                    &body[..],
+                    format!("{{\"event_id\":\"{}\"}}", record.event_id).as_bytes()
+                );
+                pending.insert(id, record.attempts);
+            }
+        }
+        let want: BTreeMap<u64, u32> = self
+            .pending()
+            .into_iter()
+            .map(|id| (id, self.deliveries[&id].1))
+            .collect();
+        assert_eq!(pending, want, "pending deliveries and attempts, {at}");
+        let dead: BTreeMap<u64, u32> = spool
+            .dead_letters(usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id, r.attempts))
+            .collect();
+        let want: BTreeMap<u64, u32> = self
+            .dead()
+            .into_iter()
+            .map(|id| (id, self.deliveries[&id].1))
+            .collect();
+        assert_eq!(dead, want, "dead letters, {at}");
+        for upstream in ["up1", "up2"] {
+            let count = |dead| {
+                self.deliveries
+                    .values()
+                    .filter(|d| d.0 == upstream && d.2 == dead)
+                    .count() as i64
+            };
+            assert_eq!(
+                metrics.pending_deliveries(upstream).get(),
+                count(false),
+                "pending gauge of {upstream}, {at}"
+            );
+            assert_eq!(
+                metrics.dead_letters(upstream).get(),
+                count(true),
+                "dead-letter gauge of {upstream}, {at}"
+            );
+        }
+        let state = spool.state().unwrap();
+        for id in &self.accepted {
+            assert!(
+                state.is_duplicate(&state::dedup_key("a", id), now_ms()),
+                "{id} forgotten by dedup, {at}"
+            );
+        }
+    }
+}
+
+/// One random history: appends (some repeated), results of every kind in random order across
+/// many small segments, replays, purges and restarts, checked against the model after every
+/// restart and at random points in between.
+async fn random_history(seed: u64, steps: usize) {
+    let dir = fast_tempdir();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (mut spool, mut metrics) = open_small(dir.path(), 2048);
+    let mut model = Model::default();
+    for step in 0..steps {
+        let at = format!("seed {seed}, step {step}");
+        match rng.u32(0..100) {
+            0..=29 => {
+                let repeat = !model.accepted.is_empty() && rng.u32(0..5) == 0;
+                let id = if repeat {
+                    model.accepted[rng.usize(0..model.accepted.len())].clone()
+                } else {
+                    format!("e{seed}-{step}")
+                };
+                match spool.append(event(&id)).await.unwrap() {
+                    Appended::Accepted(seq) => {
+                        assert!(!repeat, "{id} accepted twice, {at}");
+                        model.deliveries.insert(seq << 8, ("up1", 0, false));
+                        model.deliveries.insert(seq << 8 | 1, ("up2", 0, false));
+                        model.accepted.push(id);
+                    }
+                    Appended::Duplicate => assert!(repeat, "{id} is new, {at}"),
+                }
+            }
+            30..=64 => {
+                let pending = model.pending();
+                if pending.is_empty() {
+                    continue;
+                }
+                let id = pending[rng.usize(0..pending.len())];
+                let now = now_ms();
+                let finish = match rng.u32(0..20) {
+                    0..=9 => Finish::Delivered {
+                        at_ms: now,
+                        status: 200,
+                    },
+                    10..=14 => Finish::Retry {
+                        at_ms: now,
+                        due_ms: now,
+                        error: format!("HTTP 503 at {step}"),
+                        status: Some(503),
+                    },
+                    15..=17 => dead(),
+                    _ => Finish::Skipped,
+                };
+                let d = model.deliveries.get_mut(&id).unwrap();
+                match &finish {
+                    Finish::Delivered { .. } | Finish::Skipped => {
+                        model.deliveries.remove(&id);
+                    }
+                    Finish::Retry { .. } => d.1 += 1,
+                    Finish::Dead { .. } => {
+                        d.1 += 1;
+                        d.2 = true;
+                    }
+                }
+                spool.finish(id, finish).await.unwrap();
+            }
+            65..=74 => {
+                let dead = model.dead();
+                if dead.is_empty() {
+                    continue;
+                }
+                let one = rng.u32(0..10) > 0;
+                let id = one.then(|| dead[rng.usize(0..dead.len())]);
+                let replayed = spool.replay(id).await.unwrap();
+                let ids = if one { vec![id.unwrap_or(0)] } else { dead };
+                assert_eq!(replayed, ids.len(), "{at}");
+                for id in ids {
+                    let d = model.deliveries.get_mut(&id).unwrap();
+                    (d.1, d.2) = (0, false);
+                }
+            }
+            75..=84 => {
+                let dead = model.dead();
+                if dead.is_empty() {
+                    continue;
+                }
+                let id = dead[rng.usize(0..dead.len())];
+                assert!(spool.purge(id).await.unwrap(), "{at}");
+                model.deliveries.remove(&id);
+            }
+            85..=89 => {
+                drop(spool);
+                (spool, metrics) = open_small(dir.path(), 2048);
+                model.check(&spool, &metrics, &format!("after a restart at {at}"));
+            }
+            _ => model.check(&spool, &metrics, &at),
+        }
+    }
+    drop(spool);
+    let (spool, metrics) = open_small(dir.path(), 2048);
+    model.check(&spool, &metrics, &format!("seed {seed}, at the end"));
+    assert!(
+        segments(dir.path()).len() > 10,
+        "the history spans many segments"
+    );
+
+    // Once everything is finished, every segment but the newest can go.
+    for id in model.pending() {
+        spool.finish(id, delivered()).await.unwrap();
+    }
+    for id in model.dead() {
+        spool.purge(id).await.unwrap();
+    }
+    model.deliveries.clear();
+    for i in 0..40 {
+        spool.append(event(&format!("end{i}"))).await.unwrap();
+    }
+    let left = segments(dir.path());
+    assert!(left.len() <= 3, "finished segments deleted: {left:?}");
+    drop(spool);
+    let (spool, metrics) = open_small(dir.path(), 2048);
+    assert_eq!(spool.counts().unwrap().pending, 80);
+    assert_eq!(spool.counts().unwrap().dead, 0);
+    drop(metrics);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_histories_are_rebuilt_exactly_across_many_segments_and_restarts() {
+    for seed in 1..=6 {
+        random_history(seed, 1500).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_never_refused_when_the_queue_is_full() {
+    let dir = fast_tempdir();
+    let (spool, _) = open(dir.path());
+    spool.append(event("first")).await.unwrap();
+    let id = spool.due("a/up1", now_ms(), 1, &none()).unwrap()[0];
+    // A stalled writer: it cannot take its next batch while another thread holds the index.
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let spool = spool.clone();
+        std::thread::spawn(move || {
+            let _held = spool.shared.inner.state.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        })
+    };
+    locked.recv().unwrap();
+    let mut waiting = Vec::new();
+    // The writer may have taken one batch before it stalled.
+    for i in 0..QUEUE_DEPTH + writer::MAX_BATCH + 2 {
+        let spool = spool.clone();
+        waiting.push(tokio::spawn(async move {
+            spool.append(event(&format!("w{i}"))).await
+        }));
+    }
+    let result = {
+        let spool = spool.clone();
+        tokio::spawn(async move { spool.finish(id, delivered()).await })
+    };
+    // Appends beyond the queue's depth are refused at once, while the writer is stalled.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !waiting.iter().any(|t| t.is_finished()) {
+        assert!(Instant::now() < deadline, "no append was refused");
+        tokio::task::yield_now().await;
+    }
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    let mut refused = 0;
+    for task in waiting {
+        match task.await.unwrap() {
+            Err(SpoolError::Busy) => refused += 1,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 1, "appends past the queue's depth are refused");
+    // ...but the result was queued and written.
+    result.await.unwrap().unwrap();
+    assert!(!spool
+        .due("a/up1", u64::MAX, usize::MAX, &none())
+        .unwrap()
+        .contains(&id));
+}
+
+/// Whether the file's last record is a commit record.
+fn ends_with_commit(path: &Path) -> bool {
+    let data = std::fs::read(path).unwrap();
+    let mut commit = Vec::new();
+    segment::encode_commit(&mut commit);
+    data.ends_with(&commit)
+}
+
+#[tokio::test]
+async fn results_written_without_an_fsync_are_fsynced_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _) = open(dir.path());
+    spool.append(event("r1")).await.unwrap();
+    let path = dir.path().join(&segments(dir.path())[0]);
+    assert!(ends_with_commit(&path), "an accepted event is committed");
+    let id = spool.due("a/up1", now_ms(), 1, &none()).unwrap()[0];
+    spool.finish(id, delivered()).await.unwrap();
+    assert!(
+        !ends_with_commit(&path),
+        "a result alone is not fsynced at once"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ends_with_commit(&path) {
+        assert!(Instant::now() < deadline, "no fsync of the result");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_acknowledged_records_refuses_to_start_and_repair_keeps_the_rest() {
+    let body_of = |i: usize| format!("{{\"event_id\":\"d{i}\"}}");
+    for (class, flip) in [
+        ("record header", 2usize),
+        ("record body", 30),
+        ("event body", 0),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (spool, _) = open(dir.path());
+            for i in 0..200 {
+                spool.append(event(&format!("d{i}"))).await.unwrap();
+            }
+        }
+        let path = dir.path().join(&segments(dir.path())[0]);
+        let mut data = std::fs::read(&path).unwrap();
+        // The 51st event's record: its body is found by its text, the record's start 9 bytes
+        // (header and type) before the seq field that precedes the metadata.
+        let body = body_of(50);
+        let body_at = data
+            .windows(body.len())
+            .position(|w| w == body.as_bytes())
+            .unwrap();
+        let record_at = data[..body_at]
+            .windows(b"d50".len())
+            .rposition(|w| w == b"d50")
+            .unwrap();
+        let at = match class {
+            "event body" => body_at + 3,
+            "record body" => record_at - 4,
+            _ => {
+                // The header of the 51st record: the commit record of batch 50 ends there.
+                let mut commit = Vec::new();
+                segment::encode_commit(&mut commit);
+                data[..record_at]
+                    .windows(commit.len())
+                    .rposition(|w| w == commit.as_slice())
+                    .unwrap()
+                    + commit.len()
+                    + flip
+            }
+        };
+        data[at] ^= 0x20;
+        std::fs::write(&path, &data).unwrap();
+        let err = Spool::open(dir.path(), Duration::from_secs(60), metrics())
+            .err()
+            .unwrap_or_else(|| panic!("{class}: a damaged spool opened"));
+        assert!(
+            err.to_string()
+                .contains("seg-0000000001.log is damaged at offset")
+                && err.to_string().contains("--repair-spool"),
+            "{class}: {err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            data,
+            "{class}: nothing changed"
+        );
+
+        let report = repair(dir.path()).unwrap();
+        assert_eq!(report.len(), 1, "{class}: {report:?}");
+        let (spool, _) = open(dir.path());
+        let mut ids: Vec<String> = spool
+            .due("a/up1", u64::MAX, usize::MAX, &none())
+            .unwrap()
+            .into_iter()
+            .map(|id| spool.load(id).unwrap().unwrap().0.event_id)
+            .collect();
+        ids.sort();
+        let mut want: Vec<String> = (0..200)
+            .filter(|i| *i != 50)
+            .map(|i| format!("d{i}"))
+            .collect();
+        want.sort();
+        assert_eq!(ids, want, "{class}: every intact event kept");
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".damaged"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{class}: {aside:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_the_last_commit_is_a_torn_tail_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = open(dir.path());
+        for i in 0..20 {
+            spool.append(event(&format!("c{i}"))).await.unwrap();
+        }
+    }
+    let path = dir.path().join(&segments(dir.path())[0]);
+    let mut data = std::fs::read(&path).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0x01;
+    std::fs::write(&path, &data).unwrap();
+    // The last batch's answer was given after its fsync, so its event is whole: only the
+    // commit record after it is cut.
+    let (spool, _) = open(dir.path());
+    assert_eq!(spool.counts().unwrap().events, 20);
+    assert!(path.with_extension("log.torn").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_events_keeps_results_waiting_and_recovers_by_itself() {
+    let disk = fs::Tmpfs::mount("1m");
+    let dir = disk.path().join("spool");
+    let (spool, metrics) = open_small(&dir, 64 << 10);
+    let big = |id: &str| NewEvent {
+        body: Bytes::from(format!(
+            "{{\"event_id\":\"{id}\",\"pad\":\"{}\"}}",
+            "x".repeat(3000)
+        )),
+        ..event(id)
+    };
+    spool.append(big("before")).await.unwrap();
+    let id = spool.due("a/up1", now_ms(), 1, &none()).unwrap()[0];
+    let filler = disk.fill(0);
+    // New events are refused with the reason, and nothing of them is kept.
+    let mut refused = Vec::new();
+    let mut accepted = vec!["before".to_string()];
+    for i in 0..20 {
+        let name = format!("full{i}");
+        match spool.append(big(&name)).await {
+            Ok(Appended::Accepted(_)) => accepted.push(name),
+            Err(SpoolError::Full(_)) => refused.push(name),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!refused.is_empty(), "the disk never filled");
+    assert!(matches!(spool.full(), Some(SpoolError::Full(_))));
+    assert_eq!(spool.failure(), None, "a full disk is not a failure");
+    // A result is not refused: it waits for space, its delivery still in flight. (Its error
+    // is long so that its record cannot fit in the slack of the file's last page.)
+    let error = "e".repeat(3500);
+    let retry = Finish::Retry {
+        at_ms: now_ms(),
+        due_ms: now_ms(),
+        error: error.clone(),
+        status: Some(503),
+    };
+    let waiting = {
+        let spool = spool.clone();
+        tokio::spawn(async move { spool.finish(id, retry).await })
+    };
+    // Nothing to await for "not answered": wait past one retry of the disk instead.
+    tokio::time::sleep(writer::RETRY_FULL_EVERY + Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the result was dropped or refused");
+    // Space comes back: the result is written and events are accepted, with no restart.
+    std::fs::remove_file(filler).unwrap();
+    waiting.await.unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while spool.full().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "still full after space came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        spool.append(big("after")).await.unwrap(),
+        Appended::Accepted(_)
+    ));
+    accepted.push("after".into());
+    drop(spool);
+    drop(metrics);
+    // A restart finds exactly what was accepted: no refused event, no torn bytes.
+    let (spool, _) = open_small(&dir, 64 << 10);
+    let mut found: Vec<String> = spool
+        .due("a/up2", u64::MAX, usize::MAX, &none())
+        .unwrap()
+        .into_iter()
+        .map(|id| spool.load(id).unwrap().unwrap().0.event_id)
+        .collect();
+    found.sort();
+    accepted.sort();
+    assert_eq!(found, accepted);
+    let (record, _) = spool.load(id).unwrap().unwrap();
+    assert_eq!(
+        (record.attempts, record.last_error),
+        (1, Some(error)),
+        "the held result"
+    );
+    for name in &refused {
+        assert!(
+            matches!(
+                spool.append(big(name)).await.unwrap(),
+                Appended::Accepted(_)
+            ),
+            "{name} was refused, so it is new"
+        );
+    }
+    assert!(!std::fs::read_dir(&dir).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".torn")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_cuts_its_batch_and_stops_the_spool_until_a_restart() {
+    let faulty = fs::FaultFs::mount();
+    let dir = faulty.path().join("spool");
+    {
+        let (spool, _) = open(&dir);
+        spool.append(event("kept")).await.unwrap();
+        faulty.fail("fsync");
+        let err = spool.append(event("refused")).await.unwrap_err();
+        assert!(
+            matches!(&err, SpoolError::Storage(m) if m.starts_with("fsync")),
+            "{err}"
+        );
+        assert_eq!(spool.failure(), Some(err.clone()));
+        // The refused event is not visible to the dispatcher, and nothing is accepted now.
+        let pending: Vec<String> = spool
+            .due("a/up1", u64::MAX, usize::MAX, &none())
+            .unwrap()
+            .into_iter()
+            .map(|id| spool.load(id).unwrap().unwrap().0.event_id)
+            .collect();
+        assert_eq!(pending, ["kept"]);
+        faulty.fail("");
+        assert_eq!(spool.append(event("later")).await.unwrap_err(), err);
+        let id = spool.due("a/up1", u64::MAX, 1, &none()).unwrap()[0];
+        assert_eq!(spool.finish(id, delivered()).await.unwrap_err(), err);
+    }
+    // After a restart: what was answered 200 is there, what was answered 503 is not.
+    let (spool, _) = open(&dir);
+    let pending: Vec<String> = spool
+        .due("a/up1", u64::MAX, usize::MAX, &none())
+        .unwrap()
+        .into_iter()
+        .map(|id| spool.load(id).unwrap().unwrap().0.event_id)
+        .collect();
+    assert_eq!(pending, ["kept"]);
+    assert!(matches!(
+        spool.append(event("refused")).await.unwrap(),
+        Appended::Accepted(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_is_cut_and_nothing_is_appended_after_it() {
+    let faulty = fs::FaultFs::mount();
+    let dir = faulty.path().join("spool");
+    {
+        let (spool, _) = open_small(&dir, 4096);
+        for i in 0..30 {
+            spool.append(event(&format!("w{i}"))).await.unwrap();
+        }
+        faulty.fail("write");
+        assert!(spool.append(event("refused")).await.is_err());
+        faulty.fail("");
+        // No maintenance runs on a failed spool: no segment is sealed or deleted after it.
+        let before = segments(&dir);
+        for i in 0..5 {
+            assert!(spool.append(event(&format!("x{i}"))).await.is_err());
+        }
+        assert_eq!(segments(&dir), before);
+    }
+    let (spool, _) = open_small(&dir, 4096);
+    assert_eq!(spool.counts().unwrap().events, 30);
+    assert!(!std::fs::read_dir(&dir).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains(".torn")));
 }

@@ -1,38 +1,48 @@
 //! The spool's single writer: turns queued changes into log records, one `write` and one
-//! `fdatasync` per batch (group commit).
+//! `fdatasync` per batch (group commit), and keeps the log small (maintenance).
 //!
 //! The thread blocks for the first change, takes whatever else is queued (up to a limit),
-//! encodes and applies it all under the index lock, writes the batch, releases the lock,
-//! fsyncs, and only then answers. While one fsync runs, the next batch queues up, so
-//! throughput grows with load while a lone request is still committed at once. Nothing is
-//! acknowledged before its bytes are on disk.
+//! encodes the batch against the index without changing it, writes it, fsyncs, and only then
+//! applies it to the index and answers. So a reader (the dispatcher) never sees a change that
+//! is not on disk, and a batch whose write or fsync fails is cut from the file and leaves no
+//! trace: a 503 means not accepted. While one fsync runs, the next batch queues up, so
+//! throughput grows with load while a lone request is still committed at once.
 //!
-//! Attempt results are the exception: losing one to a power cut only means the delivery is
-//! made again (at least once), so a batch of nothing but results is written without an
-//! fsync; the next fsync of the file (the next accepted event's, or the one that seals the
-//! segment) makes them durable too.
+//! Attempt results are the exception to "fsync before answering": losing one to a power cut
+//! only means the delivery is made again (at least once), so a batch of nothing but results is
+//! written without an fsync, and fsynced within [`SYNC_RESULTS_WITHIN`] by whatever comes next
+//! or by a timer. Results are never refused: while the disk is full they wait here, and their
+//! delivery stays in flight, so the write is retried rather than the delivery.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
 use super::segment::{self, AttemptKind, Record};
-use super::state::{dedup_key, Deltas};
+use super::state::{dedup_key, Deltas, State};
 use super::{now_ms, Appended, Commit, Finish, Inner, NewEvent, SpoolError};
 use crate::metrics::Metrics;
 
 /// Most changes in one batch: bounds the latency a batch adds to its first member.
-const MAX_BATCH: usize = 1024;
+pub(super) const MAX_BATCH: usize = 1024;
 /// A segment is sealed, and a new one started, past this size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// How often expired dedup keys are forgotten and finished segments deleted.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(10);
+/// Longest an attempt result stays written but not fsynced: bounds what a power cut can make
+/// the dispatcher repeat.
+pub const SYNC_RESULTS_WITHIN: Duration = Duration::from_secs(1);
+/// How often results held back by a full disk are written again.
+pub(super) const RETRY_FULL_EVERY: Duration = Duration::from_secs(1);
+/// Expired dedup keys forgotten per slice; the index lock is let go between slices.
+const PURGE_SLICE: usize = 4096;
 
 type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
@@ -44,10 +54,19 @@ pub enum Op {
     Purge(u64, Reply<bool>),
 }
 
+impl Op {
+    /// Whether it counts against the queue's depth. Results do not: there are never more of
+    /// them than attempts in flight, and refusing one would make its delivery run again.
+    pub fn is_bounded(&self) -> bool {
+        !matches!(self, Op::Finish(..))
+    }
+}
+
 /// A result held until its batch is on disk.
 enum Done {
     Append(Reply<Appended>, Appended),
-    Finish(Reply<()>),
+    /// Keeps its change, so that a result the disk refused can be written again later.
+    Finish(u64, Finish, Reply<()>),
     Replay(Reply<usize>, usize),
     Purge(Reply<bool>, bool),
 }
@@ -56,7 +75,7 @@ impl Done {
     fn abandon(op: Op) -> Done {
         match op {
             Op::Append(_, reply) => Done::Append(reply, Appended::Duplicate),
-            Op::Finish(_, _, reply) => Done::Finish(reply),
+            Op::Finish(id, finish, reply) => Done::Finish(id, finish, reply),
             Op::Replay(_, reply) => Done::Replay(reply, 0),
             Op::Purge(_, reply) => Done::Purge(reply, false),
         }
@@ -67,14 +86,49 @@ impl Done {
         match (self, failure) {
             (Done::Append(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Append(tx, v), None) => drop(tx.send(Ok(v))),
-            (Done::Finish(tx), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Done::Finish(tx), None) => drop(tx.send(Ok(()))),
+            (Done::Finish(_, _, tx), Some(e)) => drop(tx.send(Err(e.clone()))),
+            (Done::Finish(_, _, tx), None) => drop(tx.send(Ok(()))),
             (Done::Replay(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Replay(tx, v), None) => drop(tx.send(Ok(v))),
             (Done::Purge(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Purge(tx, v), None) => drop(tx.send(Ok(v))),
         }
     }
+}
+
+/// Why a write did not make it to disk.
+enum Fault {
+    /// The filesystem is full: the batch was cut, and writing may work again later.
+    Full(SpoolError),
+    /// Anything else (EIO, a failed fsync): the page cache can no longer be trusted, so the
+    /// spool refuses every change until a restart reads back what is really on disk.
+    Failed(SpoolError),
+}
+
+/// Records encoded for a batch, with their offsets in its buffer, not yet applied.
+#[derive(Default)]
+struct Encoded {
+    buf: Vec<u8>,
+    records: Vec<(usize, Record)>,
+}
+
+impl Encoded {
+    /// Encodes a record that carries no event body.
+    fn add(&mut self, record: Record) {
+        let start = self.buf.len();
+        segment::encode_record(&mut self.buf, &record);
+        self.records.push((start, record));
+    }
+}
+
+/// What a batch changes, seen before the index is: lets the batch's later changes see its
+/// earlier ones (a duplicate within the batch, a dead letter replayed then purged).
+#[derive(Default)]
+struct BatchView {
+    next_seq: u64,
+    keys: HashSet<String>,
+    dead_taken: HashSet<u64>,
+    finished: HashSet<u64>,
 }
 
 /// The writer's state, owned by its thread.
@@ -90,145 +144,178 @@ pub struct Writer {
     pub(super) last_maintenance: Instant,
     /// Seal the active segment past this size ([`SEGMENT_BYTES`]; smaller in tests).
     pub(super) segment_bytes: u64,
+    /// Bounded changes queued and not yet taken (see [`Op::is_bounded`]).
+    pub(super) queued: Arc<AtomicUsize>,
+    /// Since when results have been written without an fsync.
+    pub(super) unsynced_since: Option<Instant>,
+    /// Results that a full disk refused, written again before anything else.
+    pub(super) held: Vec<(u64, Finish, Reply<()>)>,
+    /// Sealing failed (no space for a new segment): try again at the next maintenance, not
+    /// after every batch.
+    pub(super) seal_deferred: bool,
 }
 
 impl Writer {
     /// Runs until every sender is dropped.
     pub fn run(mut self, rx: Receiver<Op>, work: &Notify) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match self.wake_up_in() {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(wait) => rx.recv_timeout(wait),
+            };
             let mut batch = Vec::with_capacity(32);
-            batch.push(first);
+            match first {
+                Ok(op) => batch.push(op),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
             }
-            let size = batch.len();
-            let started = Instant::now();
-            let mut deltas = Deltas::default();
-            let mut done = Vec::with_capacity(size);
-            let written = self.write_batch(batch, &mut done, &mut deltas);
-            if written.is_ok() {
-                // The index already holds the batch: gauges follow it now.
-                for (upstream, delta) in deltas.pending.drain() {
-                    self.metrics.pending_deliveries(&upstream).add(delta);
-                }
-                for (upstream, delta) in deltas.dead.drain() {
-                    self.metrics.dead_letters(&upstream).add(delta);
-                }
-                // A finished attempt needs no fsync before its answer: if a crash loses the
-                // record, the delivery is made again (at least once). Answering now frees the
-                // dispatcher's permit a whole fsync earlier.
-                let (finished, durable): (Vec<Done>, Vec<Done>) =
-                    done.into_iter().partition(|d| matches!(d, Done::Finish(_)));
-                finished.into_iter().for_each(|d| d.send(None));
-                done = durable;
-            }
-            match written.and_then(|must_sync| self.sync(must_sync)) {
-                Ok(synced) => {
-                    if synced {
-                        self.metrics.observe_spool_commit(size, started.elapsed());
-                    }
-                    for d in done {
-                        d.send(None);
-                    }
-                    if deltas.new_work {
-                        work.notify_waiters();
-                    }
-                }
-                Err(e) => {
-                    log::error!(
-                        "spool: commit of {size} changes failed: {e}; refusing further changes"
-                    );
-                    self.inner.fail(&e);
-                    for d in done {
-                        d.send(Some(&e));
-                    }
-                }
-            }
-            if self.last_maintenance.elapsed() >= MAINTAIN_EVERY
-                || self.active_size >= self.segment_bytes
+            let bounded = batch.iter().filter(|op| op.is_bounded()).count();
+            self.queued.fetch_sub(bounded, Ordering::AcqRel);
+            self.commit(batch, work);
+            self.purge_dedup_slice();
+            if self.inner.failure().is_none()
+                && (self.last_maintenance.elapsed() >= MAINTAIN_EVERY
+                    || (self.active_size >= self.segment_bytes && !self.seal_deferred))
             {
-                if let Err(e) = self.maintain() {
-                    log::error!("spool: maintenance failed: {e}; refusing further changes");
-                    self.inner.fail(&e);
+                self.maintain();
+            }
+        }
+        // Shutting down: make written results durable, so that a power cut right after a
+        // clean stop repeats nothing.
+        if self.unsynced_since.is_some() || !self.held.is_empty() {
+            self.commit(Vec::new(), work);
+        }
+    }
+
+    /// How long to wait for changes before there is something to do anyway: fsync results,
+    /// or write held results again.
+    fn wake_up_in(&self) -> Option<Duration> {
+        if self.inner.failure().is_some() {
+            return None;
+        }
+        let sync = self
+            .unsynced_since
+            .map(|since| SYNC_RESULTS_WITHIN.saturating_sub(since.elapsed()));
+        let held =
+            (!self.held.is_empty() || self.inner.full().is_some()).then_some(RETRY_FULL_EVERY);
+        match (sync, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Writes a batch, then applies it and answers; or answers its failure.
+    fn commit(&mut self, batch: Vec<Op>, work: &Notify) {
+        if let Some(e) = self.inner.failure() {
+            let held = self.held.drain(..).map(|(id, f, r)| Op::Finish(id, f, r));
+            for op in held.chain(batch) {
+                Done::abandon(op).send(Some(&e));
+            }
+            return;
+        }
+        let size = batch.len();
+        let started = Instant::now();
+        let ops: Vec<Op> = self
+            .held
+            .drain(..)
+            .map(|(id, f, r)| Op::Finish(id, f, r))
+            .chain(batch)
+            .collect();
+        let (mut encoded, done, must_sync) = match self.inner.lock_state() {
+            Ok(state) => self.encode_batch(&state, ops),
+            Err(e) => {
+                self.inner.fail(&e);
+                for op in ops {
+                    Done::abandon(op).send(Some(&e));
+                }
+                return;
+            }
+        };
+        // Results written long enough ago are made durable now; and while the disk is full,
+        // a commit record is written even with nothing else, to learn when space is back.
+        let due = self
+            .unsynced_since
+            .is_some_and(|since| since.elapsed() >= SYNC_RESULTS_WITHIN)
+            || self.inner.full().is_some();
+        match self.append(&mut encoded, must_sync || due) {
+            Ok((synced, new_work)) => {
+                if synced && must_sync {
+                    self.metrics.observe_spool_commit(size, started.elapsed());
+                }
+                for d in done {
+                    d.send(None);
+                }
+                if new_work {
+                    work.notify_waiters();
+                }
+            }
+            Err(Fault::Full(e)) => {
+                for d in done {
+                    match d {
+                        Done::Finish(id, finish, reply) => self.held.push((id, finish, reply)),
+                        other => other.send(Some(&e)),
+                    }
+                }
+            }
+            Err(Fault::Failed(e)) => {
+                for d in done {
+                    d.send(Some(&e));
                 }
             }
         }
     }
 
-    /// Encodes and applies a batch and writes it (not yet fsynced). Returns whether it must be
-    /// fsynced before its answers: it wrote something, and not only attempt results (whose
-    /// loss means a repeated delivery, never a lost event).
-    fn write_batch(
-        &mut self,
-        batch: Vec<Op>,
-        done: &mut Vec<Done>,
-        deltas: &mut Deltas,
-    ) -> Result<bool, SpoolError> {
-        if let Some(e) = self.inner.failure() {
-            done.extend(batch.into_iter().map(Done::abandon));
-            return Err(e);
-        }
-        let mut buf = Vec::with_capacity(batch.len() * 2048);
-        // Readers see the batch only once its bytes are in the file (page cache), so a
-        // delivery never points at bytes that are not there yet.
-        let mut state = self.inner.lock_state()?;
+    /// Encodes a batch against the index as it stands, without changing it. Returns the
+    /// records, the answers to give once they are on disk, and whether the batch must be
+    /// fsynced before those answers (it holds more than attempt results).
+    fn encode_batch(&self, state: &State, ops: Vec<Op>) -> (Encoded, Vec<Done>, bool) {
+        let mut encoded = Encoded {
+            buf: Vec::with_capacity(ops.len() * 2048),
+            records: Vec::with_capacity(ops.len()),
+        };
+        let mut view = BatchView {
+            next_seq: state.next_seq.max(1),
+            ..BatchView::default()
+        };
         let now = now_ms();
-        let results_only = batch.iter().all(|op| matches!(op, Op::Finish(..)));
-        for op in batch {
-            done.push(self.encode(&mut state, op, now, &mut buf, deltas));
+        let mut must_sync = false;
+        let mut done = Vec::with_capacity(ops.len());
+        for op in ops {
+            let before = encoded.records.len();
+            let bounded = op.is_bounded();
+            done.push(self.encode(state, &mut view, op, now, &mut encoded));
+            must_sync |= bounded && encoded.records.len() > before;
         }
-        if buf.is_empty() {
-            return Ok(false);
-        }
-        self.active
-            .write_all(&buf)
-            .map_err(|e| SpoolError::Storage(format!("write: {e}")))?;
-        self.active_size += buf.len() as u64;
-        Ok(!results_only)
+        (encoded, done, must_sync)
     }
 
-    /// Makes a written batch durable if it has to be. Returns whether it fsynced.
-    fn sync(&mut self, must_sync: bool) -> Result<bool, SpoolError> {
-        if !must_sync || self.commit != Commit::Durable {
-            return Ok(false);
-        }
-        self.fsync_active()?;
-        Ok(true)
-    }
-
-    /// fdatasync of the active segment.
-    fn fsync_active(&self) -> Result<(), SpoolError> {
-        self.active
-            .sync_data()
-            .map_err(|e| SpoolError::Storage(format!("fsync: {e}")))
-    }
-
-    /// Encodes one change into `buf` and applies it to the index.
+    /// Encodes one change.
     fn encode(
         &self,
-        state: &mut super::state::State,
+        state: &State,
+        view: &mut BatchView,
         op: Op,
         now: u64,
-        buf: &mut Vec<u8>,
-        deltas: &mut Deltas,
+        out: &mut Encoded,
     ) -> Done {
-        let active = self.active_number;
-        let mut apply = |state: &mut super::state::State, start: usize, record: Record| {
-            state.apply(active, self.active_size + start as u64, record, deltas);
-        };
         match op {
             Op::Append(event, reply) => {
-                if state.is_duplicate(&dedup_key(&event.action, &event.event_id), now) {
+                let key = dedup_key(&event.action, &event.event_id);
+                if state.is_duplicate(&key, now) || !view.keys.insert(key) {
                     return Done::Append(reply, Appended::Duplicate);
                 }
-                let seq = state.next_seq.max(1);
+                let seq = view.next_seq;
+                view.next_seq += 1;
                 let expires = now.saturating_add(self.dedup_window_ms);
-                let start = buf.len();
+                let start = out.buf.len();
                 let body_at = segment::encode_accept(
-                    buf,
+                    &mut out.buf,
                     seq,
                     now,
                     expires,
@@ -237,160 +324,292 @@ impl Writer {
                     &event.upstreams,
                     &event.body,
                 );
-                let record = Record::Accept {
-                    seq,
-                    accepted_ms: now,
-                    dedup_expires_ms: expires,
-                    action: event.action.to_string(),
-                    event_id: event.event_id,
-                    upstreams: event.upstreams.iter().map(|u| u.to_string()).collect(),
-                    body_at: body_at - start,
-                    body_len: event.body.len(),
-                };
-                apply(state, start, record);
+                out.records.push((
+                    start,
+                    Record::Accept {
+                        seq,
+                        accepted_ms: now,
+                        dedup_expires_ms: expires,
+                        action: event.action.to_string(),
+                        event_id: event.event_id,
+                        upstreams: event.upstreams.iter().map(|u| u.to_string()).collect(),
+                        body_at: body_at - start,
+                        body_len: event.body.len(),
+                    },
+                ));
                 Done::Append(reply, Appended::Accepted(seq))
             }
             Op::Finish(id, finish, reply) => {
-                if state.deliveries.contains_key(&id) {
-                    let (kind, at_ms, due_ms, status, error) = match finish {
-                        Finish::Delivered { at_ms, status } => (
-                            AttemptKind::Delivered,
-                            at_ms,
-                            0,
-                            Some(status),
-                            String::new(),
-                        ),
-                        Finish::Skipped => (AttemptKind::Skipped, now, 0, None, String::new()),
-                        Finish::Retry {
-                            at_ms,
-                            due_ms,
-                            error,
-                            status,
-                        } => (AttemptKind::Retry, at_ms, due_ms, status, error),
-                        Finish::Dead {
-                            at_ms,
-                            error,
-                            status,
-                            attempted,
-                        } => {
-                            let kind = if attempted {
-                                AttemptKind::Dead
-                            } else {
-                                AttemptKind::DeadUnattempted
-                            };
-                            (kind, at_ms, 0, status, error)
-                        }
-                    };
-                    let start = buf.len();
-                    segment::encode_attempt(buf, id, kind, at_ms, due_ms, status, &error);
-                    apply(
-                        state,
-                        start,
-                        Record::Attempt {
-                            id,
-                            kind,
-                            at_ms,
-                            due_ms,
-                            status,
-                            error,
-                        },
-                    );
-                }
                 // Already finished (e.g. replayed and delivered twice): nothing to record.
-                Done::Finish(reply)
+                if state.deliveries.contains_key(&id) && view.finished.insert(id) {
+                    out.add(attempt_record(id, &finish, now));
+                }
+                Done::Finish(id, finish, reply)
             }
             Op::Replay(id, reply) => {
                 let ids: Vec<u64> = match id {
-                    Some(id) => state
-                        .dead
-                        .contains_key(&id)
-                        .then_some(id)
-                        .into_iter()
-                        .collect(),
+                    Some(id) => vec![id],
                     None => state.dead.keys().copied().collect(),
                 };
-                for &id in &ids {
-                    let start = buf.len();
-                    segment::encode_replay(buf, id, now);
-                    apply(state, start, Record::Replay { id, at_ms: now });
+                let mut replayed = 0;
+                for id in ids {
+                    if state.dead.contains_key(&id) && view.dead_taken.insert(id) {
+                        out.add(Record::Replay { id, at_ms: now });
+                        replayed += 1;
+                    }
                 }
-                Done::Replay(reply, ids.len())
+                Done::Replay(reply, replayed)
             }
             Op::Purge(id, reply) => {
-                let found = state.dead.contains_key(&id);
+                let found = state.dead.contains_key(&id) && view.dead_taken.insert(id);
                 if found {
-                    let start = buf.len();
-                    segment::encode_purge(buf, id);
-                    apply(state, start, Record::Purge { id });
+                    out.add(Record::Purge { id });
                 }
                 Done::Purge(reply, found)
             }
         }
     }
 
-    /// Starts a new segment when the active one is full, forgets expired dedup keys, and
-    /// deletes sealed segments that hold nothing still needed (carrying their unexpired dedup
-    /// keys forward first, so that a duplicate is still recognised after a restart).
-    fn maintain(&mut self) -> Result<(), SpoolError> {
-        self.last_maintenance = Instant::now();
-        if self.active_size >= self.segment_bytes {
-            // Results written without an fsync may end the segment being sealed, and later
-            // fsyncs go to the next file only. A power cut could then tear a segment that is
-            // no longer the last, which start-up rightly refuses as damage: seal it durably.
-            self.fsync_active()?;
-            let number = self.active_number + 1;
-            let (file, read) = super::create_segment(&self.dir, number)?;
-            self.inner.add_segment(number, read)?;
-            self.active = file;
-            self.active_number = number;
-            self.active_size = 0;
+    /// Writes encoded records (with a commit record and an fsync when `sync`), then applies
+    /// them to the index and the gauges. On failure the bytes are cut from the file and the
+    /// index is untouched. Returns whether it fsynced, and whether deliveries became due.
+    fn append(&mut self, encoded: &mut Encoded, sync: bool) -> Result<(bool, bool), Fault> {
+        let sync = sync && self.commit == Commit::Durable;
+        if sync {
+            encoded.add(Record::Commit);
         }
-        let now = now_ms();
-        let mut state = self.inner.lock_state()?;
-        // Every segment is known to the index, even one holding only attempt records, so that
-        // it is deleted once nothing in it is needed.
-        state.segments.entry(self.active_number).or_default();
-        state.purge_expired_dedup(now, 100_000);
-        let finished: Vec<u64> = state
-            .segments
-            .iter()
-            .filter(|(n, info)| **n < self.active_number && info.live_events == 0)
-            .map(|(n, _)| *n)
-            .collect();
-        for number in finished {
-            let keys = state.dedup_keys_in(number, now);
-            if !keys.is_empty() {
-                let mut buf = Vec::with_capacity(keys.len() * 64);
-                let mut starts = Vec::with_capacity(keys.len());
-                for (key, expires) in &keys {
-                    starts.push(buf.len());
-                    segment::encode_dedup(&mut buf, key, *expires);
-                }
-                self.active
-                    .write_all(&buf)
-                    .and_then(|()| self.active.sync_data())
-                    .map_err(|e| SpoolError::Storage(format!("write: {e}")))?;
-                let mut deltas = Deltas::default();
-                for ((key, expires_ms), start) in keys.into_iter().zip(starts) {
-                    let offset = self.active_size + start as u64;
-                    state.apply(
-                        self.active_number,
-                        offset,
-                        Record::Dedup { key, expires_ms },
-                        &mut deltas,
-                    );
-                }
-                self.active_size += buf.len() as u64;
+        if encoded.buf.is_empty() {
+            return Ok((false, false));
+        }
+        if let Err(e) = self.active.write_all(&encoded.buf) {
+            return Err(self.cut(classify("write", &e)));
+        }
+        if sync {
+            if let Err(e) = self.active.sync_data() {
+                // Whatever the error, the kernel may have dropped the dirty pages: only a
+                // restart, reading the file back, knows what is on disk.
+                return Err(self.cut(Fault::Failed(SpoolError::Storage(format!("fsync: {e}")))));
             }
-            state.segments.remove(&number);
-            self.inner.remove_segment(number);
-            let path = segment::segment_path(&self.dir, number);
-            std::fs::remove_file(&path).map_err(|e| {
-                SpoolError::Storage(format!("cannot delete {}: {e}", path.display()))
-            })?;
-            log::debug!("spool: deleted finished segment {}", path.display());
+            self.unsynced_since = None;
+        } else if self.commit == Commit::Durable {
+            self.unsynced_since.get_or_insert_with(Instant::now);
         }
+        self.inner.set_full(None);
+        let mut deltas = Deltas::default();
+        {
+            let mut state = match self.inner.lock_state() {
+                Ok(state) => state,
+                Err(e) => return Err(self.fail(e)),
+            };
+            let at = self.active_size;
+            for (start, record) in encoded.records.drain(..) {
+                state.apply(self.active_number, at + start as u64, record, &mut deltas);
+            }
+        }
+        self.active_size += encoded.buf.len() as u64;
+        for (upstream, delta) in deltas.pending.drain() {
+            self.metrics.pending_deliveries(&upstream).add(delta);
+        }
+        for (upstream, delta) in deltas.dead.drain() {
+            self.metrics.dead_letters(&upstream).add(delta);
+        }
+        Ok((sync, deltas.new_work))
+    }
+
+    /// Cuts a batch that did not make it from the end of the active segment, so that nothing
+    /// is ever appended after torn bytes, and records the fault.
+    fn cut(&mut self, fault: Fault) -> Fault {
+        if let Err(e) = self.active.set_len(self.active_size) {
+            return self.fail(SpoolError::Storage(format!(
+                "cannot cut a failed write from segment {}: {e}",
+                self.active_number
+            )));
+        }
+        match fault {
+            Fault::Full(e) => {
+                if self.inner.set_full(Some(&e)) {
+                    log::error!("spool: {e}; refusing new events until space is freed");
+                }
+                Fault::Full(e)
+            }
+            Fault::Failed(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&self, e: SpoolError) -> Fault {
+        log::error!("spool: {e}; refusing every change until a restart");
+        self.inner.fail(&e);
+        Fault::Failed(e)
+    }
+
+    /// Forgets one slice of expired dedup keys.
+    fn purge_dedup_slice(&self) -> bool {
+        self.inner
+            .lock_state()
+            .map(|mut state| state.purge_expired_dedup(now_ms(), PURGE_SLICE))
+            .unwrap_or(false)
+    }
+
+    /// Starts a new segment when the active one is full, forgets expired dedup keys, and
+    /// deletes sealed segments that hold no live event. See [`super::State::carry`] for what
+    /// is written before a segment can go.
+    fn maintain(&mut self) {
+        self.last_maintenance = Instant::now();
+        while self.purge_dedup_slice() {}
+        if self.active_size >= self.segment_bytes {
+            self.seal_deferred = false;
+            match self.seal() {
+                Ok(()) => {}
+                Err(Fault::Full(_)) => self.seal_deferred = true,
+                Err(Fault::Failed(_)) => return,
+            }
+        }
+        let finished: Vec<u64> = match self.inner.lock_state() {
+            Ok(state) => state
+                .segments
+                .iter()
+                .filter(|(n, info)| **n < self.active_number && info.live_events == 0)
+                .map(|(n, _)| *n)
+                .collect(),
+            Err(_) => return,
+        };
+        let mut deleted = false;
+        for number in finished {
+            match self.delete_segment(number) {
+                Ok(()) => deleted = true,
+                // A full disk can still delete segments that need nothing carried forward.
+                Err(Fault::Full(_)) => continue,
+                Err(Fault::Failed(_)) => return,
+            }
+        }
+        if deleted {
+            // Without it, a power cut could bring a deleted segment back.
+            if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+                self.fail(SpoolError::Storage(format!(
+                    "fsync of {}: {e}",
+                    self.dir.display()
+                )));
+            }
+        }
+    }
+
+    /// Seals the active segment durably and starts the next one.
+    fn seal(&mut self) -> Result<(), Fault> {
+        // Results written without an fsync may end the segment being sealed, and later fsyncs
+        // go to the next file only: seal it with a commit record and an fsync.
+        self.append(&mut Encoded::default(), true)?;
+        let number = self.active_number + 1;
+        let (file, read) = match super::create_segment(&self.dir, number) {
+            Ok(files) => files,
+            Err(e) => {
+                // Nothing was written: carry on in the active segment and try again later.
+                log::warn!("spool: cannot start segment {number}: {e}");
+                return Err(Fault::Full(e));
+            }
+        };
+        if let Err(e) = self.inner.add_segment(number, read) {
+            return Err(self.fail(e));
+        }
+        let old = std::mem::replace(&mut self.active, file);
+        drop(old);
+        self.active_number = number;
+        self.active_size = 0;
+        let next = match self.inner.lock_state() {
+            Ok(mut state) => {
+                state.segments.entry(number).or_default();
+                state.next_seq.max(1)
+            }
+            Err(e) => return Err(self.fail(e)),
+        };
+        let mut encoded = Encoded::default();
+        encoded.add(Record::Seq { next });
+        self.append(&mut encoded, false).map(|_| ())
+    }
+
+    /// Writes what `number` holds that the state still needs, then deletes it.
+    fn delete_segment(&mut self, number: u64) -> Result<(), Fault> {
+        let carry = match self.inner.lock_state() {
+            Ok(state) => state.carry(number, now_ms()),
+            Err(e) => return Err(self.fail(e)),
+        };
+        let mut encoded = Encoded::default();
+        for (key, expires_ms) in carry.dedup {
+            encoded.add(Record::Dedup {
+                key: key.to_string(),
+                expires_ms,
+            });
+        }
+        for snapshot in carry.states {
+            encoded.add(Record::State(snapshot));
+        }
+        if !encoded.records.is_empty() {
+            self.append(&mut encoded, true)?;
+        }
+        let path = segment::segment_path(&self.dir, number);
+        if let Err(e) = std::fs::remove_file(&path) {
+            return Err(self.fail(SpoolError::Storage(format!(
+                "cannot delete {}: {e}",
+                path.display()
+            ))));
+        }
+        if let Ok(mut state) = self.inner.lock_state() {
+            state.remove_segment(number);
+        }
+        self.inner.remove_segment(number);
+        log::debug!("spool: deleted finished segment {}", path.display());
         Ok(())
+    }
+}
+
+/// The log record of an attempt's result.
+fn attempt_record(id: u64, finish: &Finish, now: u64) -> Record {
+    let (kind, at_ms, due_ms, status, error) = match finish {
+        Finish::Delivered { at_ms, status } => (
+            AttemptKind::Delivered,
+            *at_ms,
+            0,
+            Some(*status),
+            String::new(),
+        ),
+        Finish::Skipped => (AttemptKind::Skipped, now, 0, None, String::new()),
+        Finish::Retry {
+            at_ms,
+            due_ms,
+            error,
+            status,
+        } => (AttemptKind::Retry, *at_ms, *due_ms, *status, error.clone()),
+        Finish::Dead {
+            at_ms,
+            error,
+            status,
+            attempted,
+        } => {
+            let kind = if *attempted {
+                AttemptKind::Dead
+            } else {
+                AttemptKind::DeadUnattempted
+            };
+            (kind, *at_ms, 0, *status, error.clone())
+        }
+    };
+    Record::Attempt {
+        id,
+        kind,
+        at_ms,
+        due_ms,
+        status,
+        error,
+    }
+}
+
+/// A full filesystem is a fault that passes; anything else is not.
+fn classify(what: &str, e: &io::Error) -> Fault {
+    let full = e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(122); // EDQUOT
+    let error = SpoolError::Storage(format!("{what}: {e}"));
+    if full {
+        Fault::Full(SpoolError::Full(format!("{what}: {e}")))
+    } else {
+        Fault::Failed(error)
     }
 }
 
