@@ -30,6 +30,9 @@ use crate::spool::{lane_key, now_ms, Finish, Spool};
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Pause after a spool read error before trying again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// How often deliveries for lanes that are no longer configured are looked for. A request
+/// still running on the config before a reload can store one after its lane has let go.
+const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs every lane. Shared by the background service that runs it and by reloads, which add,
 /// change and retire lanes while it runs.
@@ -41,6 +44,9 @@ pub struct Dispatcher {
     shared_client: reqwest::Client,
     /// Every lane whose task runs, retired ones included until they have let go.
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
+    /// Lanes whose deliveries are being dead-lettered. A lane configured again meanwhile is
+    /// created held, so that it cannot send what is being dead-lettered. Locked after `lanes`.
+    sweeping: Mutex<HashSet<String>>,
     /// Where lane tasks run; set when the service starts.
     runtime: OnceLock<Handle>,
 }
@@ -69,6 +75,8 @@ struct Lane {
     started: AtomicBool,
     /// Set once a retired lane has let go of its deliveries; its task then ends.
     stopped: AtomicBool,
+    /// Start no attempt: the deliveries of a lane of the same name are being dead-lettered.
+    held: AtomicBool,
     metrics: UpstreamMetrics,
 }
 
@@ -88,6 +96,7 @@ impl Dispatcher {
             lifecycle,
             shared_client: client::build(None)?,
             lanes: Mutex::new(HashMap::new()),
+            sweeping: Mutex::new(HashSet::new()),
             runtime: OnceLock::new(),
         });
         let prepared = dispatcher.prepare(config)?;
@@ -143,6 +152,7 @@ impl Dispatcher {
                 retired: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
+                held: AtomicBool::new(self.sweeping().contains(&key)),
             });
             lanes.insert(key, lane.clone());
             if let Some(runtime) = self.runtime.get() {
@@ -178,7 +188,7 @@ impl Dispatcher {
             }
             lane.stopped.store(true, Ordering::Release);
             lane.changed.notify_waiters();
-            self.dead_letter_lane(&key).await;
+            self.sweep(&key).await;
         }
     }
 
@@ -191,7 +201,12 @@ impl Dispatcher {
         for lane in lanes {
             self.start(runtime, lane);
         }
-        self.lifecycle.deliveries_stopping().await;
+        loop {
+            tokio::select! {
+                _ = self.lifecycle.deliveries_stopping() => return,
+                _ = tokio::time::sleep(ORPHAN_SWEEP_EVERY) => self.dead_letter_orphans().await,
+            }
+        }
     }
 
     fn start(self: &Arc<Self>, runtime: &Handle, lane: Arc<Lane>) {
@@ -203,6 +218,10 @@ impl Dispatcher {
     fn lanes(&self) -> MutexGuard<'_, HashMap<String, Arc<Lane>>> {
         // A panic while holding this lock leaves the map itself intact.
         self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sweeping(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.sweeping.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deliveries whose (action, upstream) left the config while the gateway was stopped.
@@ -222,7 +241,27 @@ impl Dispatcher {
                 .collect()
         };
         for key in orphans {
-            self.dead_letter_lane(&key).await;
+            self.sweep(&key).await;
+        }
+    }
+
+    /// Dead-letters what a lane that is no longer configured still holds. Stops early if the
+    /// lane is configured again; the new lane is held until then, so nothing is both sent and
+    /// dead-lettered.
+    async fn sweep(&self, key: &str) {
+        {
+            let lanes = self.lanes();
+            if lanes.contains_key(key) {
+                return;
+            }
+            self.sweeping().insert(key.to_string());
+        }
+        self.dead_letter_lane(key).await;
+        let lanes = self.lanes();
+        self.sweeping().remove(key);
+        if let Some(lane) = lanes.get(key) {
+            lane.held.store(false, Ordering::Release);
+            lane.changed.notify_waiters();
         }
     }
 
@@ -239,6 +278,10 @@ impl Dispatcher {
             ids.len()
         );
         for id in ids {
+            if self.lanes().contains_key(key) {
+                log::warn!("{key} is configured again: its remaining deliveries stay due");
+                return;
+            }
             let finish = Finish::Dead {
                 at_ms: now_ms(),
                 error: format!("{key} is no longer configured"),
@@ -334,7 +377,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
 impl Lane {
     /// How many more attempts may start, with `running` in flight.
     fn free(&self, running: usize) -> usize {
-        if self.retired.load(Ordering::Acquire) {
+        if self.retired.load(Ordering::Acquire) || self.held.load(Ordering::Acquire) {
             return 0;
         }
         self.conf
@@ -534,5 +577,54 @@ async fn record_finish(
         }
         // The delivery stays due as it was and is tried again: at least once.
         Err(e) => log::error!("lane {}: cannot record delivery {id}: {e}", lane.key),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::NewEvent;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_stored_for_a_lane_that_let_go_is_dead_lettered_while_running() {
+        let config = Config::from_yaml(
+            "listen: [{addr: \"127.0.0.1:1\"}]\nactions:\n  - {name: kept, path: /k, upstreams: [{name: u, url: \"http://127.0.0.1:1/\"}]}\n",
+            &|_| None,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new(&config));
+        let spool = Spool::open(dir.path(), Duration::from_secs(60), metrics.clone()).unwrap();
+        let lifecycle = Lifecycle::new();
+        let dispatcher =
+            Dispatcher::new(&config, spool.clone(), metrics, lifecycle.clone()).unwrap();
+        let running = {
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move { dispatcher.run().await })
+        };
+        // What a request still running on the config before a reload stores after its lane
+        // has let go: nothing would ever take it.
+        spool
+            .append(NewEvent {
+                action: Arc::from("gone"),
+                event_id: "late".into(),
+                body: bytes::Bytes::from_static(b"{}"),
+                upstreams: vec![Arc::from("x")],
+            })
+            .await
+            .unwrap();
+        let deadline = Instant::now() + ORPHAN_SWEEP_EVERY * 5;
+        while spool.dead_letters(10).unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "still pending");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dead = spool.dead_letters(10).unwrap();
+        assert_eq!(dead[0].event_id, "late");
+        assert_eq!(
+            dead[0].last_error.as_deref(),
+            Some("gone/x is no longer configured")
+        );
+        lifecycle.stop_deliveries();
+        running.await.unwrap();
     }
 }
