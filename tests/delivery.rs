@@ -427,6 +427,10 @@ async fn a_hanging_upstream_does_not_delay_another() {
         )
         .await;
     // The slow lane holds exactly its two permits; the other 18 wait their turn, in the spool.
+    slow.wait_for(2, WAIT).await;
+    gateway
+        .wait_metric("actiongate_in_flight{kind=\"delivery\"}", 2.0)
+        .await;
     assert_eq!(slow.received().len(), 2);
     assert_eq!(
         gateway

@@ -326,6 +326,14 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
     };
     if max_body == 0 {
         check.fail("limits.max_body", "must be more than 0");
+    } else if max_body > crate::spool::MAX_BODY as u64 {
+        check.fail(
+            "limits.max_body",
+            format!(
+                "{max_body} bytes is more than the spool stores in one record (at most 64MiB; \
+                 Flashduty's payloads are a few KiB)"
+            ),
+        );
     }
     let limits = Limits {
         max_body: usize::try_from(max_body).unwrap_or(usize::MAX),

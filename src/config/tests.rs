@@ -237,3 +237,17 @@ fn upstream_header_values_never_show_in_debug_output() {
     let c = load(&text).unwrap();
     assert!(!format!("{c:?}").contains("Bearer tok"));
 }
+
+#[test]
+fn max_body_is_bounded_by_what_the_spool_stores_in_one_record() {
+    let text = |size: &str| format!("{MINIMAL}limits: {{max_body: {size}}}\n");
+    assert_eq!(load(&text("64MiB")).unwrap().limits.max_body, 64 << 20);
+    let p = problems(&text("65MiB"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with(
+            "limits.max_body: 68157440 bytes is more than the spool stores in one record"
+        ),
+        "{p:?}"
+    );
+}
