@@ -73,6 +73,7 @@ impl ActionGate {
             config.dedup_window,
             metrics.clone(),
             spool_wait,
+            config.spool_segment_size,
         )
         .map_err(|e| format!("spool.path: {e}"))?;
         let lifecycle = Lifecycle::new();

@@ -93,6 +93,11 @@ fn keep_process_settings(running: &Config, mut new: Config) -> (Config, Vec<&'st
     new.admin = running.admin;
     note("spool.path", running.spool_path != new.spool_path);
     new.spool_path = running.spool_path.clone();
+    note(
+        "spool.segment_size",
+        running.spool_segment_size != new.spool_segment_size,
+    );
+    new.spool_segment_size = running.spool_segment_size;
     note("dedup_window", running.dedup_window != new.dedup_window);
     new.dedup_window = running.dedup_window;
     note(

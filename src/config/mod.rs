@@ -44,6 +44,9 @@ pub struct Config {
     pub admin: SocketAddr,
     /// Directory of the embedded durable store.
     pub spool_path: PathBuf,
+    /// Size past which a spool segment is sealed (`spool.segment_size`). Smaller segments free
+    /// disk sooner and cost more files; tests use small ones to span many.
+    pub spool_segment_size: u64,
     pub limits: Limits,
     /// How long an accepted (action, event_id) is remembered to answer `duplicate`.
     pub dedup_window: Duration,
@@ -318,6 +321,18 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
     }
 
     let spool_path = PathBuf::from(raw.spool.path.as_deref().unwrap_or("./data"));
+    let spool_segment_size = match &raw.spool.segment_size {
+        None => crate::spool::SEGMENT_BYTES,
+        Some(value) => check
+            .ok("spool.segment_size", size_value(value))
+            .unwrap_or(crate::spool::SEGMENT_BYTES),
+    };
+    if !(64 << 10..=1 << 30).contains(&spool_segment_size) {
+        check.fail(
+            "spool.segment_size",
+            format!("{spool_segment_size} bytes is outside 64KiB..1GiB"),
+        );
+    }
     let max_body = match &raw.limits.max_body {
         None => 1 << 20,
         Some(value) => check
@@ -443,6 +458,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         listen,
         admin: admin?,
         spool_path,
+        spool_segment_size,
         limits,
         dedup_window,
         trusted_proxies: IpSet::new(trusted),

@@ -89,6 +89,8 @@ pub struct RawAdmin {
 pub struct RawSpool {
     /// Directory of the store [./data].
     pub path: Option<String>,
+    /// Size past which a log segment is sealed and a new one started [64MiB].
+    pub segment_size: Option<serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -34,7 +34,12 @@ use crate::metrics::Metrics;
 pub use record::{lane_key, DeliveryRecord, Finish};
 pub use state::MAX_UPSTREAMS;
 use state::{Deltas, State};
+pub use writer::SEGMENT_BYTES;
 use writer::{Files, Op, Writer};
+
+/// The largest event body stored: `limits.max_body` may not be set higher. Records are framed
+/// with u32 lengths, and a length past this bound is read as damage.
+pub const MAX_BODY: usize = 64 << 20;
 
 /// Queued changes beyond which new events are refused with 503 rather than waiting. Attempt
 /// results are not counted and never refused (see [`writer`]).
@@ -353,10 +358,18 @@ impl Spool {
         dedup_window: Duration,
         metrics: Arc<Metrics>,
         wait: Duration,
+        segment_bytes: u64,
     ) -> Result<Spool, SpoolError> {
         let deadline = std::time::Instant::now() + wait;
         loop {
-            match Spool::open(dir, dedup_window, metrics.clone()) {
+            let opened = Spool::open_sized(
+                dir,
+                dedup_window,
+                metrics.clone(),
+                Commit::Durable,
+                segment_bytes,
+            );
+            match opened {
                 Err(SpoolError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }

@@ -25,9 +25,9 @@ const COMMIT: u8 = 6;
 const SEQ: u8 = 7;
 const STATE: u8 = 8;
 
-/// Longest record body decoded: a body is limited by `limits.max_body` (at most
-/// [`crate::config::MAX_BODY_LIMIT`]) plus its fields. Anything longer is damage.
-pub const MAX_RECORD: usize = (64 << 20) + (1 << 20);
+/// Longest record body decoded: an event body (at most [`super::MAX_BODY`]) and its fields.
+/// Anything longer is damage.
+pub const MAX_RECORD: usize = super::MAX_BODY + (1 << 20);
 
 /// How an attempt (or a decision not to attempt) ended, as logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

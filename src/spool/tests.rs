@@ -335,12 +335,25 @@ async fn a_new_process_can_wait_for_the_old_one_to_let_go() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = open(dir.path());
     let dedup = Duration::from_secs(60);
-    let held = Spool::open_after(dir.path(), dedup, metrics(), Duration::from_millis(50));
+    let held = Spool::open_after(
+        dir.path(),
+        dedup,
+        metrics(),
+        Duration::from_millis(50),
+        SEGMENT_BYTES,
+    );
     assert!(matches!(held, Err(SpoolError::Locked(_))));
 
     let path = dir.path().to_path_buf();
     let waiter = std::thread::spawn(move || {
-        Spool::open_after(&path, dedup, metrics(), Duration::from_secs(30)).map(|_| ())
+        Spool::open_after(
+            &path,
+            dedup,
+            metrics(),
+            Duration::from_secs(30),
+            SEGMENT_BYTES,
+        )
+        .map(|_| ())
     });
     drop(spool);
     waiter.join().expect("waiter").expect("opened once let go");

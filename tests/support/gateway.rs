@@ -42,9 +42,15 @@ impl Gateway {
         } else {
             format!(", {listener}")
         };
+        // The spool is always in the test's directory; a test may add settings to it by
+        // starting its YAML with a `spool: {…}` line.
+        let path = format!("path: \"{}\"", dir.path().join("spool").display());
+        let (spool, yaml) = match yaml.strip_prefix("spool: {") {
+            Some(rest) => (format!("spool: {{{path}, "), rest.to_string()),
+            None => (format!("spool: {{{path}}}\n"), yaml.to_string()),
+        };
         let config = format!(
-            "listen: [{{addr: \"{addr}\"{listener}}}]\nadmin: {{addr: \"{admin}\"}}\nspool: {{path: \"{}\"}}\n{yaml}",
-            dir.path().join("spool").display()
+            "listen: [{{addr: \"{addr}\"{listener}}}]\nadmin: {{addr: \"{admin}\"}}\n{spool}{yaml}"
         );
         std::fs::write(dir.path().join("actiongate.yaml"), config).expect("write config");
         let mut gateway = Gateway {
