@@ -51,6 +51,28 @@ pub struct Metrics {
     reload_ok: IntGauge,
     commit_duration: Histogram,
     commit_batch: Histogram,
+    spool_segments: IntGauge,
+    spool_refusing: IntGaugeVec,
+}
+
+/// Why the spool refuses new events, as `actiongate_spool_refusing{reason}` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolRefusal {
+    /// The filesystem is full; passes by itself.
+    DiskFull,
+    /// A write or fsync failed; needs a restart.
+    Failed,
+}
+
+impl SpoolRefusal {
+    const ALL: [SpoolRefusal; 2] = [SpoolRefusal::DiskFull, SpoolRefusal::Failed];
+
+    fn label(self) -> &'static str {
+        match self {
+            SpoolRefusal::DiskFull => "disk_full",
+            SpoolRefusal::Failed => "failed",
+        }
+    }
 }
 
 /// Handles for one action's request metrics, resolved once.
@@ -217,8 +239,26 @@ impl Metrics {
             },
             commit_duration,
             commit_batch,
+            spool_segments: {
+                let g = must(IntGauge::new(
+                    "actiongate_spool_segments",
+                    "Segment files of the spool on disk. Each dead letter can keep its segment; \
+                     otherwise finished segments are deleted.",
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g
+            },
+            spool_refusing: gauge(
+                "actiongate_spool_refusing",
+                "1 while the spool refuses new events: reason=disk_full passes by itself once \
+                 space is freed, reason=failed (a write or fsync failed) needs a restart.",
+                &["reason"],
+            ),
             registry,
         };
+        for reason in SpoolRefusal::ALL {
+            metrics.spool_refusing.with_label_values(&[reason.label()]);
+        }
         for result in ["applied", "refused"] {
             metrics.reloads.with_label_values(&[result]);
         }
@@ -305,6 +345,16 @@ impl Metrics {
         let result = if applied { "applied" } else { "refused" };
         self.reloads.with_label_values(&[result]).inc();
         self.reload_ok.set(i64::from(applied));
+    }
+
+    pub fn spool_segments(&self, count: usize) {
+        self.spool_segments.set(count as i64);
+    }
+
+    pub fn spool_refusing(&self, reason: SpoolRefusal, refusing: bool) {
+        self.spool_refusing
+            .with_label_values(&[reason.label()])
+            .set(i64::from(refusing));
     }
 
     pub fn observe_spool_commit(&self, batch: usize, took: Duration) {

@@ -193,6 +193,10 @@ impl Inner {
         Ok(())
     }
 
+    fn segment_count(&self) -> usize {
+        self.files.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
     fn remove_segment(&self, number: u64) {
         if let Ok(mut files) = self.files.lock() {
             files.remove(&number);
@@ -467,6 +471,7 @@ impl Spool {
             state.deliveries.len(),
             state.dead.len()
         );
+        metrics.spool_segments(files.len());
         for record in state.deliveries.values() {
             metrics.pending_deliveries(&record.upstream).inc();
         }

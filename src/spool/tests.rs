@@ -411,13 +411,8 @@ async fn finished_segments_are_deleted_and_their_dedup_keys_carried_forward() {
 #[tokio::test]
 async fn attempt_results_alone_are_written_without_an_fsync_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let fsyncs = |metrics: &Metrics| {
-        let text = String::from_utf8(metrics.encode()).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("actiongate_spool_commit_batch_size_count "))
-            .map(|v| v.parse::<u64>().unwrap())
-            .unwrap_or(0)
-    };
+    let fsyncs =
+        |metrics: &Metrics| series(metrics, "actiongate_spool_commit_batch_size_count") as u64;
     {
         let (spool, metrics) = open(dir.path());
         spool.append(event("e1")).await.unwrap();
@@ -436,6 +431,16 @@ async fn attempt_results_alone_are_written_without_an_fsync_and_survive_a_restar
     let (spool, _) = open(dir.path());
     assert_eq!(spool.due("a/up1", now_ms(), 10, &none()).unwrap().len(), 1);
     assert_eq!(spool.counts().unwrap().pending, 3);
+}
+
+/// The value of one series in the metrics' text.
+fn series(metrics: &Metrics, series: &str) -> f64 {
+    let text = String::from_utf8(metrics.encode()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series}"))
+        .parse()
+        .unwrap()
 }
 
 fn delivered() -> Finish {
@@ -716,6 +721,10 @@ async fn random_history(seed: u64, steps: usize) {
     }
     let left = segments(dir.path());
     assert!(left.len() <= 3, "finished segments deleted: {left:?}");
+    assert_eq!(
+        series(&metrics, "actiongate_spool_segments"),
+        left.len() as f64
+    );
     drop(spool);
     let (spool, metrics) = open_small(dir.path(), 2048);
     assert_eq!(spool.counts().unwrap().pending, 80);
@@ -948,6 +957,8 @@ async fn a_full_disk_refuses_events_keeps_results_waiting_and_recovers_by_itself
     assert!(!refused.is_empty(), "the disk never filled");
     assert!(matches!(spool.full(), Some(SpoolError::Full(_))));
     assert_eq!(spool.failure(), None, "a full disk is not a failure");
+    let full = "actiongate_spool_refusing{reason=\"disk_full\"}";
+    assert_eq!(series(&metrics, full), 1.0);
     // A result is not refused: it waits for space, its delivery still in flight. (Its error
     // is long so that its record cannot fit in the slack of the file's last page.)
     let error = "e".repeat(3500);
@@ -979,6 +990,7 @@ async fn a_full_disk_refuses_events_keeps_results_waiting_and_recovers_by_itself
         spool.append(big("after")).await.unwrap(),
         Appended::Accepted(_)
     ));
+    assert_eq!(series(&metrics, full), 0.0);
     accepted.push("after".into());
     drop(spool);
     drop(metrics);
@@ -1020,8 +1032,10 @@ async fn a_failed_fsync_cuts_its_batch_and_stops_the_spool_until_a_restart() {
     let faulty = fs::FaultFs::mount();
     let dir = faulty.path().join("spool");
     {
-        let (spool, _) = open(&dir);
+        let (spool, metrics) = open(&dir);
         spool.append(event("kept")).await.unwrap();
+        let failed = "actiongate_spool_refusing{reason=\"failed\"}";
+        assert_eq!(series(&metrics, failed), 0.0);
         faulty.fail("fsync");
         let err = spool.append(event("refused")).await.unwrap_err();
         assert!(
@@ -1029,6 +1043,7 @@ async fn a_failed_fsync_cuts_its_batch_and_stops_the_spool_until_a_restart() {
             "{err}"
         );
         assert_eq!(spool.failure(), Some(err.clone()));
+        assert_eq!(series(&metrics, failed), 1.0);
         // The refused event is not visible to the dispatcher, and nothing is accepted now.
         let pending: Vec<String> = spool
             .due("a/up1", u64::MAX, usize::MAX, &none())

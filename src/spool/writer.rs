@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, Notify};
 use super::segment::{self, AttemptKind, Record};
 use super::state::{dedup_key, Deltas, State};
 use super::{now_ms, Appended, Commit, Finish, Inner, NewEvent, SpoolError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SpoolRefusal};
 
 /// Most changes in one batch: bounds the latency a batch adds to its first member.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -394,7 +394,9 @@ impl Writer {
         } else if self.commit == Commit::Durable {
             self.unsynced_since.get_or_insert_with(Instant::now);
         }
-        self.inner.set_full(None);
+        if self.inner.set_full(None) {
+            self.metrics.spool_refusing(SpoolRefusal::DiskFull, false);
+        }
         let mut deltas = Deltas::default();
         {
             let mut state = match self.inner.lock_state() {
@@ -429,6 +431,7 @@ impl Writer {
             Fault::Full(e) => {
                 if self.inner.set_full(Some(&e)) {
                     log::error!("spool: {e}; refusing new events until space is freed");
+                    self.metrics.spool_refusing(SpoolRefusal::DiskFull, true);
                 }
                 Fault::Full(e)
             }
@@ -439,6 +442,7 @@ impl Writer {
     fn fail(&self, e: SpoolError) -> Fault {
         log::error!("spool: {e}; refusing every change until a restart");
         self.inner.fail(&e);
+        self.metrics.spool_refusing(SpoolRefusal::Failed, true);
         Fault::Failed(e)
     }
 
@@ -510,6 +514,7 @@ impl Writer {
         if let Err(e) = self.inner.add_segment(number, read) {
             return Err(self.fail(e));
         }
+        self.metrics.spool_segments(self.inner.segment_count());
         let old = std::mem::replace(&mut self.active, file);
         drop(old);
         self.active_number = number;
@@ -556,6 +561,7 @@ impl Writer {
             state.remove_segment(number);
         }
         self.inner.remove_segment(number);
+        self.metrics.spool_segments(self.inner.segment_count());
         log::debug!("spool: deleted finished segment {}", path.display());
         Ok(())
     }
