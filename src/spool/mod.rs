@@ -334,14 +334,23 @@ fn set_aside(segment: &Path, bytes: &[u8], what: &str) -> Result<PathBuf, SpoolE
 }
 
 /// Creates segment `number` (append handle, read handle) and makes its name durable.
-fn create_segment(dir: &Path, number: u64) -> Result<(File, File), SpoolError> {
+/// If it fails, no file is left behind: an empty newer segment would make the active one a
+/// middle segment at the next start, where a torn tail is refused as damage.
+fn create_segment(dir: &Path, number: u64) -> std::io::Result<(File, File)> {
     let path = segment::segment_path(dir, number);
-    let append = writer::open_for_append(&path)?;
-    let read = File::open(&path).map_err(|e| storage(path.display(), e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| storage(dir.display(), e))?;
-    Ok((append, read))
+    let created = std::fs::OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .and_then(|append| Ok((append, File::open(&path)?)))
+        .and_then(|files| {
+            File::open(dir)?.sync_all()?;
+            Ok(files)
+        });
+    if created.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    created
 }
 
 impl Spool {
@@ -453,7 +462,8 @@ impl Spool {
                 last,
             ),
             None => {
-                let (append, read) = create_segment(dir, 1)?;
+                let (append, read) =
+                    create_segment(dir, 1).map_err(|e| storage(dir.display(), e))?;
                 files.insert(1, Arc::new(read));
                 state.segments.entry(1).or_default();
                 (append, 1)
@@ -501,6 +511,7 @@ impl Spool {
             unsynced_since: None,
             held: Vec::new(),
             seal_deferred: false,
+            full_since: None,
         };
         Ok(Spool {
             shared: Arc::new(Shared {

@@ -24,6 +24,7 @@ const DEDUP: u8 = 5;
 const COMMIT: u8 = 6;
 const SEQ: u8 = 7;
 const STATE: u8 = 8;
+const FINISHED: u8 = 9;
 
 /// Longest record body decoded: an event body (at most [`super::MAX_BODY`]) and its fields.
 /// Anything longer is damage.
@@ -107,6 +108,12 @@ pub enum Record {
     },
     /// A delivery's state carried forward from a segment being deleted.
     State(Snapshot),
+    /// Events whose every delivery is done, carried forward from a segment being deleted
+    /// while their accept records live on in an older one: a bit per event instead of a
+    /// snapshot per delivery. Sorted, and stored as a bitmap from the first.
+    Finished {
+        seqs: Vec<u64>,
+    },
 }
 
 pub fn segment_path(dir: &Path, number: u64) -> PathBuf {
@@ -287,7 +294,22 @@ pub fn encode_record(buf: &mut Vec<u8>, record: &Record) {
         Record::Commit => encode_commit(buf),
         Record::Seq { next } => encode_seq(buf, *next),
         Record::State(snapshot) => encode_state(buf, snapshot),
+        Record::Finished { seqs } => encode_finished(buf, seqs),
     }
+}
+
+/// `seqs` sorted; encoded as the first and a bitmap of the range from it.
+pub fn encode_finished(buf: &mut Vec<u8>, seqs: &[u64]) {
+    let first = seqs.first().copied().unwrap_or(0);
+    let span = seqs.last().map_or(0, |last| last - first + 1);
+    let mut bits = vec![0u8; span.div_ceil(8) as usize];
+    for seq in seqs {
+        let i = (seq - first) as usize;
+        bits[i / 8] |= 1 << (i % 8);
+    }
+    let mut e = Encoder::begin(buf, FINISHED);
+    e.u64(first).bytes(&bits);
+    e.finish();
 }
 
 /// Why reading a segment stopped before its end.
@@ -335,7 +357,7 @@ pub fn read_segment(data: &[u8], mut each: impl FnMut(usize, Record)) -> Result<
                 return Err(Damage {
                     at,
                     why: format!("{why} at offset {at}"),
-                    committed_after: commit_after(data, at + 1),
+                    committed_after: next_commit(data, at + 1).is_some(),
                 })
             }
         }
@@ -343,23 +365,39 @@ pub fn read_segment(data: &[u8], mut each: impl FnMut(usize, Record)) -> Result<
     Ok(())
 }
 
-/// Whether a whole commit record starts anywhere at or after `from`. A commit record has a
-/// fixed length, so the scan checks a CRC only where that length is found.
-fn commit_after(data: &[u8], from: usize) -> bool {
-    let len = 1u32.to_le_bytes();
-    let crc = crc32fast::hash(&[COMMIT]).to_le_bytes();
+/// Where the next whole commit record starts, at or after `from`. A commit record is nine
+/// fixed bytes (`01 00 00 00`, its CRC, `06`), which no stored string can hold (a 0x00 byte
+/// is never followed by the CRC's 0xb8 in UTF-8) and no JSON body can (no raw 0x00): unlike
+/// other records, it cannot be forged inside an event_id.
+fn next_commit(data: &[u8], from: usize) -> Option<usize> {
     let mut pattern = [0u8; HEADER + 1];
-    pattern[..4].copy_from_slice(&len);
-    pattern[4..8].copy_from_slice(&crc);
+    pattern[..4].copy_from_slice(&1u32.to_le_bytes());
+    pattern[4..8].copy_from_slice(&crc32fast::hash(&[COMMIT]).to_le_bytes());
     pattern[8] = COMMIT;
-    data.get(from..)
-        .is_some_and(|rest| rest.windows(pattern.len()).any(|w| w == pattern))
+    let rest = data.get(from..)?;
+    rest.windows(pattern.len())
+        .position(|w| w == pattern)
+        .map(|p| from + p)
 }
 
-/// The offset of the next whole record at or after `from`, if any: where a repair resumes
-/// after skipping damaged bytes.
+/// Where a repair resumes after damage at `from`: the first offset from which whole records
+/// follow one another exactly up to the next commit record (or the end, if none follows).
+/// Requiring the chain to meet a commit keeps a record forged inside an event_id (which
+/// parses alone, then runs into the rest of its accept record) from being taken for a real
+/// one. Failing that, right after the commit: the rest of the damaged batch is set aside.
 pub fn next_record(data: &[u8], from: usize) -> Option<usize> {
-    (from..data.len()).find(|&at| record_at(data, at).is_ok())
+    let commit = next_commit(data, from);
+    let target = commit.unwrap_or(data.len());
+    let reaches = |mut at: usize| {
+        while at < target {
+            match record_at(data, at) {
+                Ok((_, len)) => at += len,
+                Err(_) => return false,
+            }
+        }
+        at == target
+    };
+    (from..=target).find(|&at| reaches(at))
 }
 
 struct Reader<'a> {
@@ -458,6 +496,15 @@ fn decode(body: &[u8]) -> Option<Record> {
             expires_ms: r.u64()?,
         },
         COMMIT => Record::Commit,
+        FINISHED => {
+            let first = r.u64()?;
+            let bits = r.bytes()?;
+            let seqs = (0..bits.len() * 8)
+                .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
+                .map(|i| first + i as u64)
+                .collect();
+            Record::Finished { seqs }
+        }
         SEQ => Record::Seq { next: r.u64()? },
         STATE => {
             let id = r.u64()?;
@@ -608,6 +655,7 @@ mod tests {
         encode_seq(&mut buf, 42);
         encode_state(&mut buf, &snapshot);
         encode_state(&mut buf, &done);
+        encode_finished(&mut buf, &[70, 71, 79, 200]);
         encode_commit(&mut buf);
         let (got, result) = records(&buf);
         assert_eq!(result, Ok(()));
@@ -618,6 +666,9 @@ mod tests {
                 Record::Seq { next: 42 },
                 Record::State(snapshot),
                 Record::State(done),
+                Record::Finished {
+                    seqs: vec![70, 71, 79, 200]
+                },
                 Record::Commit
             ]
         );

@@ -18,6 +18,8 @@ pub struct EventEntry {
     pub len: u32,
     /// Deliveries (pending or dead) still referring to it.
     pub remaining: u32,
+    /// How many deliveries it was accepted with (ids `seq << 8 | 0..upstreams`).
+    pub upstreams: u16,
 }
 
 /// What a segment holds that the state is rebuilt from.
@@ -33,6 +35,8 @@ pub struct SegmentInfo {
     /// segment. While that segment exists its accept record recreates the delivery at
     /// start-up, so the delivery's fate must outlive this segment: see [`State::carry`].
     pub refs: HashMap<u64, u64>,
+    /// Events of older segments that a `Finished` record here declares done.
+    pub finished: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +76,8 @@ pub struct State {
 pub struct Carry {
     pub dedup: Vec<(Arc<str>, u64)>,
     pub states: Vec<Snapshot>,
+    /// Finished events, one sorted list per segment holding their accept records.
+    pub finished: Vec<Vec<u64>>,
 }
 
 /// The dedup key of (action, event_id).
@@ -122,6 +128,7 @@ impl State {
                         offset: offset + body_at as u64,
                         len: body_len as u32,
                         remaining: upstreams.len() as u32,
+                        upstreams: upstreams.len() as u16,
                     },
                 );
                 let info = self.segments.entry(segment).or_default();
@@ -224,6 +231,36 @@ impl State {
             Record::Commit => {}
             Record::Seq { next } => self.next_seq = self.next_seq.max(next),
             Record::State(snapshot) => self.restore(segment, snapshot, deltas),
+            Record::Finished { seqs } => {
+                for seq in seqs {
+                    self.finish_event(segment, seq, deltas);
+                }
+            }
+        }
+    }
+
+    /// Ends every delivery of event `seq` still pending or dead.
+    fn finish_event(&mut self, segment: u64, seq: u64, deltas: &mut Deltas) {
+        if let Some(event_segment) = self.event_segment(seq) {
+            if event_segment < segment {
+                if let Some(info) = self.segments.get_mut(&segment) {
+                    info.finished.insert(seq);
+                }
+            }
+        }
+        let Some(event) = self.events.get(&seq).copied() else {
+            return;
+        };
+        for index in 0..usize::from(event.upstreams) {
+            let id = delivery_id(seq, index);
+            if let Some(record) = self.deliveries.remove(&id) {
+                self.unqueue(&record);
+                *deltas.pending.entry(record.upstream.clone()).or_insert(0) -= 1;
+                self.release_event(seq);
+            } else if let Some(record) = self.dead.remove(&id) {
+                *deltas.dead.entry(record.upstream.clone()).or_insert(0) -= 1;
+                self.release_event(seq);
+            }
         }
     }
 
@@ -304,22 +341,47 @@ impl State {
         let dedup = info
             .dedup
             .iter()
-            .filter(|key| {
-                self.dedup
-                    .get(&***key)
-                    .is_some_and(|d| d.segment == segment && d.expires_ms > now_ms)
+            .filter_map(|key| {
+                let entry = self.dedup.get(key.as_ref())?;
+                (entry.segment == segment && entry.expires_ms > now_ms)
+                    .then(|| (key.clone(), entry.expires_ms))
             })
-            .map(|key| (key.clone(), self.dedup[&**key].expires_ms))
             .collect();
-        let mut ids: Vec<(u64, u64)> = info
-            .refs
-            .iter()
-            .filter(|(_, event_segment)| self.segments.contains_key(event_segment))
-            .map(|(id, s)| (*id, *s))
+        // A delivery of a live event gets its own snapshot; an event with nothing left to do
+        // is carried as one bit (most of a segment pinned by a dead letter is such events).
+        let mut ids: Vec<u64> = Vec::new();
+        let mut finished: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for (id, event_segment) in &info.refs {
+            if !self.segments.contains_key(event_segment) {
+                continue;
+            }
+            let seq = delivery_seq(*id);
+            if self.events.contains_key(&seq) {
+                ids.push(*id);
+            } else {
+                finished.entry(*event_segment).or_default().push(seq);
+            }
+        }
+        for &seq in &info.finished {
+            if let Some(event_segment) = self.event_segment(seq) {
+                finished.entry(event_segment).or_default().push(seq);
+            }
+        }
+        let finished = finished
+            .into_values()
+            .map(|mut seqs| {
+                seqs.sort_unstable();
+                seqs.dedup();
+                seqs
+            })
             .collect();
         ids.sort_unstable();
-        let states = ids.into_iter().map(|(id, _)| self.snapshot(id)).collect();
-        Carry { dedup, states }
+        let states = ids.into_iter().map(|id| self.snapshot(id)).collect();
+        Carry {
+            dedup,
+            states,
+            finished,
+        }
     }
 
     /// A delivery's whole state as it stands.

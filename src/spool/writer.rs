@@ -153,6 +153,8 @@ pub struct Writer {
     /// Sealing failed (no space for a new segment): try again at the next maintenance, not
     /// after every batch.
     pub(super) seal_deferred: bool,
+    /// When the disk was last found full: it is tried again [`RETRY_FULL_EVERY`] later.
+    pub(super) full_since: Option<Instant>,
 }
 
 impl Writer {
@@ -199,11 +201,15 @@ impl Writer {
         if self.inner.failure().is_some() {
             return None;
         }
+        if let Some(since) = self.full_since {
+            // Nothing can be written or fsynced until space is back: try once a second, not
+            // as often as an overdue fsync would ask for.
+            return Some(RETRY_FULL_EVERY.saturating_sub(since.elapsed()));
+        }
         let sync = self
             .unsynced_since
             .map(|since| SYNC_RESULTS_WITHIN.saturating_sub(since.elapsed()));
-        let held =
-            (!self.held.is_empty() || self.inner.full().is_some()).then_some(RETRY_FULL_EVERY);
+        let held = (!self.held.is_empty()).then_some(RETRY_FULL_EVERY);
         match (sync, held) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -394,12 +400,14 @@ impl Writer {
         } else if self.commit == Commit::Durable {
             self.unsynced_since.get_or_insert_with(Instant::now);
         }
+        self.full_since = None;
         if self.inner.set_full(None) {
             self.metrics.spool_refusing(SpoolRefusal::DiskFull, false);
         }
         let mut deltas = Deltas::default();
         {
-            let mut state = match self.inner.lock_state() {
+            let inner = Arc::clone(&self.inner);
+            let mut state = match inner.lock_state() {
                 Ok(state) => state,
                 Err(e) => return Err(self.fail(e)),
             };
@@ -421,14 +429,26 @@ impl Writer {
     /// Cuts a batch that did not make it from the end of the active segment, so that nothing
     /// is ever appended after torn bytes, and records the fault.
     fn cut(&mut self, fault: Fault) -> Fault {
-        if let Err(e) = self.active.set_len(self.active_size) {
-            return self.fail(SpoolError::Storage(format!(
+        // The cut is fsynced so that a power cut cannot bring back a batch that was refused.
+        // After a failed fsync this fsync likely fails too; the restart that a failed spool
+        // needs then reads back whatever the disk kept, which may include the batch.
+        let cut = self
+            .active
+            .set_len(self.active_size)
+            .and_then(|()| self.active.sync_all());
+        if let Err(e) = cut {
+            let e = SpoolError::Storage(format!(
                 "cannot cut a failed write from segment {}: {e}",
                 self.active_number
-            )));
+            ));
+            return match fault {
+                Fault::Failed(first) => self.fail(first),
+                Fault::Full(_) => self.fail(e),
+            };
         }
         match fault {
             Fault::Full(e) => {
+                self.full_since = Some(Instant::now());
                 if self.inner.set_full(Some(&e)) {
                     log::error!("spool: {e}; refusing new events until space is freed");
                     self.metrics.spool_refusing(SpoolRefusal::DiskFull, true);
@@ -439,10 +459,14 @@ impl Writer {
         }
     }
 
-    fn fail(&self, e: SpoolError) -> Fault {
+    fn fail(&mut self, e: SpoolError) -> Fault {
         log::error!("spool: {e}; refusing every change until a restart");
         self.inner.fail(&e);
         self.metrics.spool_refusing(SpoolRefusal::Failed, true);
+        // Results held for space will never be written now: their deliveries stay due.
+        for (_, _, reply) in self.held.drain(..) {
+            let _ = reply.send(Err(e.clone()));
+        }
         Fault::Failed(e)
     }
 
@@ -477,22 +501,12 @@ impl Writer {
                 .collect(),
             Err(_) => return,
         };
-        let mut deleted = false;
         for number in finished {
             match self.delete_segment(number) {
-                Ok(()) => deleted = true,
+                Ok(()) => {}
                 // A full disk can still delete segments that need nothing carried forward.
                 Err(Fault::Full(_)) => continue,
                 Err(Fault::Failed(_)) => return,
-            }
-        }
-        if deleted {
-            // Without it, a power cut could bring a deleted segment back.
-            if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
-                self.fail(SpoolError::Storage(format!(
-                    "fsync of {}: {e}",
-                    self.dir.display()
-                )));
             }
         }
     }
@@ -506,9 +520,15 @@ impl Writer {
         let (file, read) = match super::create_segment(&self.dir, number) {
             Ok(files) => files,
             Err(e) => {
-                // Nothing was written: carry on in the active segment and try again later.
+                // Nothing was left behind: carry on in the active segment and try again at
+                // the next maintenance if that can pass (no space, no descriptor); else stop.
                 log::warn!("spool: cannot start segment {number}: {e}");
-                return Err(Fault::Full(e));
+                let emfile = e.raw_os_error() == Some(24) || e.raw_os_error() == Some(23);
+                return Err(match classify("new segment", &e) {
+                    Fault::Full(e) => Fault::Full(e),
+                    Fault::Failed(e) if emfile => Fault::Full(e),
+                    Fault::Failed(e) => self.fail(e),
+                });
             }
         };
         if let Err(e) = self.inner.add_segment(number, read) {
@@ -519,21 +539,25 @@ impl Writer {
         drop(old);
         self.active_number = number;
         self.active_size = 0;
-        let next = match self.inner.lock_state() {
+        let inner = Arc::clone(&self.inner);
+        let next = match inner.lock_state() {
             Ok(mut state) => {
                 state.segments.entry(number).or_default();
                 state.next_seq.max(1)
             }
             Err(e) => return Err(self.fail(e)),
         };
+        // fsynced at once: segments holding the newest sequence numbers may be deleted before
+        // anything else is written here.
         let mut encoded = Encoded::default();
         encoded.add(Record::Seq { next });
-        self.append(&mut encoded, false).map(|_| ())
+        self.append(&mut encoded, true).map(|_| ())
     }
 
     /// Writes what `number` holds that the state still needs, then deletes it.
     fn delete_segment(&mut self, number: u64) -> Result<(), Fault> {
-        let carry = match self.inner.lock_state() {
+        let inner = Arc::clone(&self.inner);
+        let carry = match inner.lock_state() {
             Ok(state) => state.carry(number, now_ms()),
             Err(e) => return Err(self.fail(e)),
         };
@@ -547,6 +571,9 @@ impl Writer {
         for snapshot in carry.states {
             encoded.add(Record::State(snapshot));
         }
+        for seqs in carry.finished {
+            encoded.add(Record::Finished { seqs });
+        }
         if !encoded.records.is_empty() {
             self.append(&mut encoded, true)?;
         }
@@ -555,6 +582,14 @@ impl Writer {
             return Err(self.fail(SpoolError::Storage(format!(
                 "cannot delete {}: {e}",
                 path.display()
+            ))));
+        }
+        // Durable before the next deletion: carrying for a later segment assumes this one is
+        // gone for good, and a power cut must not bring it back without what was carried.
+        if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+            return Err(self.fail(SpoolError::Storage(format!(
+                "fsync of {}: {e}",
+                self.dir.display()
             ))));
         }
         if let Ok(mut state) = self.inner.lock_state() {
