@@ -1,6 +1,9 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` and the dead-letter API.
 //!
-//! Bound to loopback by default: it can replay and delete deliveries.
+//! Bound to loopback by default: it can replay and delete deliveries. When it must be reachable
+//! (Prometheus on another host), `admin.token` guards the dead-letter API, which lists incident
+//! payloads' ids and can replay or delete deliveries; metrics and probes stay open so that they
+//! need no secret.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +16,10 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::ingress::secret;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::spool::{DeliveryRecord, Spool};
@@ -23,6 +30,8 @@ const DEFAULT_LIST_LIMIT: usize = 1_000;
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 pub struct Admin {
+    /// The configuration in force (reloads change `admin.token`).
+    config: Arc<ArcSwap<Config>>,
     spool: Spool,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
@@ -34,12 +43,14 @@ pub struct Admin {
 impl Admin {
     /// The admin API over `spool`; `/readyz` also waits until `listeners` accept connections.
     pub fn new(
+        config: Arc<ArcSwap<Config>>,
         spool: Spool,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
         listeners: Vec<SocketAddr>,
     ) -> Admin {
         Admin {
+            config,
             spool,
             metrics,
             lifecycle,
@@ -86,6 +97,28 @@ impl ServeHttp for Admin {
             .query()
             .unwrap_or_default()
             .to_string();
+        if path.starts_with("/dead-letters") {
+            if let Some(token) = &self.config.load().admin_token {
+                let values = session
+                    .req_header()
+                    .headers
+                    .get_all(http::header::AUTHORIZATION)
+                    .iter()
+                    .map(|v| v.as_bytes());
+                if !secret::holds(token, values) {
+                    let mut denied = error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "the dead-letter API needs Authorization: Bearer <admin.token>",
+                    );
+                    denied.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer"),
+                    );
+                    return denied;
+                }
+            }
+        }
         match (&method, path.as_str()) {
             (&Method::GET, "/metrics") => {
                 let (requests, deliveries) = self.lifecycle.in_flight();

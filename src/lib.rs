@@ -153,6 +153,7 @@ impl ActionGate {
         let mut admin = Service::new(
             "actiongate admin".to_string(),
             admin::Admin::new(
+                self.config.clone(),
                 self.spool.clone(),
                 self.metrics.clone(),
                 self.lifecycle.clone(),

@@ -834,3 +834,65 @@ async fn a_long_run_over_many_segments_and_restarts_delivers_each_event_once_and
     );
     assert_eq!(dead_letters(&gateway).await.len(), dead.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_admin_token_the_dead_letter_api_needs_it_and_metrics_and_probes_stay_open() {
+    let up = Upstream::start(|_, _| Reply::Status(404)).await;
+    let yaml = format!(
+        "admin: {{token: \"${{ADMIN_TOKEN}}\"}}\n{}",
+        config("1s", &[upstream("up", &up.url("/"), "")])
+    );
+    let gateway =
+        Gateway::start_with_env(&yaml, &[("ADMIN_TOKEN", "t0k3n-with-32-chars-of-entropy")]).await;
+    accept(&gateway, "guarded-1").await;
+    let call = |method: &str, path: &str, auth: Option<&str>| {
+        let mut request = client::Request {
+            method: method.into(),
+            path: path.into(),
+            headers: vec![],
+            body: vec![],
+        };
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        request
+    };
+    let good = "Bearer t0k3n-with-32-chars-of-entropy";
+    for (method, path) in [
+        ("GET", "/dead-letters"),
+        ("POST", "/dead-letters/replay"),
+        ("DELETE", "/dead-letters?id=1"),
+    ] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("t0k3n-with-32-chars-of-entropy"),
+            Some("Bearer t0k3n-with-32-chars-of-entrop"),
+            Some("Basic t0k3n-with-32-chars-of-entropy"),
+        ] {
+            let response = call(method, path, auth).send(gateway.admin).await;
+            assert_eq!(response.status, 401, "{method} {path} with {auth:?}");
+            assert_eq!(response.json()["error"], "unauthorized");
+            assert_eq!(response.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    // Nothing was replayed or deleted by the refused calls.
+    support::eventually_async(WAIT, || async {
+        let listed = call("GET", "/dead-letters", Some(good))
+            .send(gateway.admin)
+            .await;
+        assert_eq!(listed.status, 200);
+        (listed.json().as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(client::get(gateway.admin, path).await.status, 200, "{path}");
+    }
+    let replay = call("POST", "/dead-letters/replay", Some(good))
+        .send(gateway.admin)
+        .await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.json()["replayed"], 1);
+    // The token is a credential: it never reaches the log.
+    assert!(!gateway.logs().contains("t0k3n"));
+}

@@ -42,6 +42,9 @@ pub struct Config {
     pub listen: Vec<Listener>,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`, `/dead-letters`).
     pub admin: SocketAddr,
+    /// `admin.token`: the dead-letter API then needs `Authorization: Bearer <token>`, held
+    /// as that whole header value so that one constant-time comparison checks it.
+    pub admin_token: Option<Secret>,
     /// Directory of the embedded durable store.
     pub spool_path: PathBuf,
     /// Size past which a spool segment is sealed (`spool.segment_size`). Smaller segments free
@@ -312,6 +315,20 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         listen.push(Listener { addr, tls });
     }
 
+    let admin_token = match raw.admin.token.as_deref() {
+        None => None,
+        Some(token) if token.trim().is_empty() || token.chars().any(char::is_whitespace) => {
+            check.fail(
+                "admin.token",
+                "must be a non-empty string without spaces (or leave it out)",
+            );
+            None
+        }
+        Some(token) => Some(Secret {
+            header: http::header::AUTHORIZATION,
+            value: format!("Bearer {token}").into_bytes(),
+        }),
+    };
     let admin_text = raw.admin.addr.as_deref().unwrap_or("127.0.0.1:9091");
     let admin = check.ok("admin.addr", parse_socket_addr(admin_text));
     if let Some(admin) = admin {
@@ -457,6 +474,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         server,
         listen,
         admin: admin?,
+        admin_token,
         spool_path,
         spool_segment_size,
         limits,

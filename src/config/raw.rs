@@ -82,6 +82,8 @@ pub struct RawTls {
 pub struct RawAdmin {
     /// [127.0.0.1:9091]
     pub addr: Option<String>,
+    /// When set, the dead-letter API needs `Authorization: Bearer <token>` [none].
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -251,3 +251,21 @@ fn max_body_is_bounded_by_what_the_spool_stores_in_one_record() {
         "{p:?}"
     );
 }
+
+#[test]
+fn admin_token_is_a_bearer_credential_that_debug_output_never_shows() {
+    let with = |token: &str| format!("{MINIMAL}admin: {{token: \"{token}\"}}\n");
+    let config = load(&with("${TOKEN}")).unwrap();
+    let token = config.admin_token.as_ref().unwrap();
+    assert_eq!(token.header, http::header::AUTHORIZATION);
+    assert_eq!(token.value, b"Bearer tok");
+    assert!(!format!("{config:?}").contains("Bearer tok"));
+    for bad in ["", "two words"] {
+        let p = problems(&with(bad));
+        assert_eq!(
+            p,
+            ["admin.token: must be a non-empty string without spaces (or leave it out)"],
+            "{bad:?}"
+        );
+    }
+}

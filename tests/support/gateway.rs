@@ -42,16 +42,12 @@ impl Gateway {
         } else {
             format!(", {listener}")
         };
-        // The spool is always in the test's directory; a test may add settings to it by
-        // starting its YAML with a `spool: {…}` line.
+        // The admin address and the spool are always the test's; a test may add settings to
+        // them by starting its YAML with an `admin: {…}` and/or a `spool: {…}` line.
+        let (admin_line, yaml) = merge_line(yaml, "admin", &format!("addr: \"{admin}\""));
         let path = format!("path: \"{}\"", dir.path().join("spool").display());
-        let (spool, yaml) = match yaml.strip_prefix("spool: {") {
-            Some(rest) => (format!("spool: {{{path}, "), rest.to_string()),
-            None => (format!("spool: {{{path}}}\n"), yaml.to_string()),
-        };
-        let config = format!(
-            "listen: [{{addr: \"{addr}\"{listener}}}]\nadmin: {{addr: \"{admin}\"}}\n{spool}{yaml}"
-        );
+        let (spool, yaml) = merge_line(&yaml, "spool", &path);
+        let config = format!("listen: [{{addr: \"{addr}\"{listener}}}]\n{admin_line}{spool}{yaml}");
         std::fs::write(dir.path().join("actiongate.yaml"), config).expect("write config");
         let mut gateway = Gateway {
             addr,
@@ -287,6 +283,18 @@ impl Gateway {
 }
 
 /// The status of `GET /readyz`, or None when the admin listener does not answer.
+/// `key: {given, …}` with the settings a test's YAML gave for `key` on its first line, if any;
+/// and the rest of the YAML.
+fn merge_line(yaml: &str, key: &str, given: &str) -> (String, String) {
+    match yaml.strip_prefix(&format!("{key}: {{")) {
+        Some(rest) => match rest.split_once('\n') {
+            Some((line, rest)) => (format!("{key}: {{{given}, {line}\n"), rest.to_string()),
+            None => (format!("{key}: {{{given}, {rest}\n"), String::new()),
+        },
+        None => (format!("{key}: {{{given}}}\n"), yaml.to_string()),
+    }
+}
+
 pub async fn readyz(admin: SocketAddr) -> Option<u16> {
     use tokio::io::AsyncWriteExt;
     let connect = tokio::time::timeout(
