@@ -896,3 +896,118 @@ async fn with_admin_token_the_dead_letter_api_needs_it_and_metrics_and_probes_st
     // The token is a credential: it never reaches the log.
     assert!(!gateway.logs().contains("t0k3n"));
 }
+
+/// Posts `id`; returns the status and the Retry-After header.
+async fn post_event(gateway: &Gateway, id: &str) -> (u16, Option<String>) {
+    let response = Request::post_json("/act", &event_with_id(id))
+        .send(gateway.addr)
+        .await;
+    let retry_after = response.header("retry-after").map(str::to_string);
+    (response.status, retry_after)
+}
+
+async fn readiness(gateway: &Gateway) -> (u16, serde_json::Value) {
+    let response = client::get(gateway.admin, "/readyz").await;
+    (response.status, response.json())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_with_retry_after_and_accepting_resumes_without_a_restart() {
+    let disk = support::fs::Tmpfs::mount("4m");
+    let spool = disk.path().join("spool");
+    let up = Upstream::ok().await;
+    let yaml = format!(
+        "spool: {{path: \"{}\"}}\n{}",
+        spool.display(),
+        config("1s", &[upstream("up", &up.url("/"), "")])
+    );
+    let gateway = Gateway::start(&yaml).await;
+    let mut accepted = vec!["before".to_string()];
+    accept(&gateway, "before").await;
+    let filler = disk.fill(0);
+    let mut refused = Vec::new();
+    for i in 0..50 {
+        let id = format!("full-{i}");
+        match post_event(&gateway, &id).await {
+            (200, _) => accepted.push(id),
+            (503, retry_after) => {
+                assert!(retry_after.is_some(), "503 without Retry-After");
+                refused.push(id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(refused.len() >= 40, "the disk never filled: {refused:?}");
+    let (status, body) = readiness(&gateway).await;
+    assert_eq!((status, body["status"].as_str()), (503, Some("disk full")));
+    assert_eq!(
+        gateway
+            .metric("actiongate_spool_refusing{reason=\"disk_full\"}")
+            .await,
+        1.0
+    );
+    // Space comes back: no restart, no operator.
+    std::fs::remove_file(filler).unwrap();
+    support::eventually_async(WAIT, || async {
+        (readiness(&gateway).await.0 == 200).then_some(())
+    })
+    .await;
+    accept(&gateway, "after").await;
+    accepted.push("after".into());
+    // Every event answered 200 is delivered; none answered 503 is.
+    let want: BTreeSet<String> = accepted.iter().map(|id| format!("{id}:up")).collect();
+    support::eventually("every accepted event delivered", WAIT, || {
+        (up.idempotency_keys() == want).then_some(())
+    })
+    .await;
+    gateway
+        .wait_metric("actiongate_pending_deliveries{upstream=\"up\"}", 0.0)
+        .await;
+    assert_eq!(up.idempotency_keys(), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_answers_503_until_a_restart_and_never_delivers_what_it_refused() {
+    let faulty = support::fs::FaultFs::mount();
+    let spool = faulty.path().join("spool");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let yaml = format!(
+        "spool: {{path: \"{}\"}}\n{}",
+        spool.display(),
+        config("1s", &[upstream("up", &format!("http://{addr}/"), "")])
+    );
+    // The upstream is down while the disk fails, so nothing is delivered before the restart.
+    let mut gateway = Gateway::start(&yaml).await;
+    for id in ["ok-1", "ok-2"] {
+        accept(&gateway, id).await;
+    }
+    faulty.fail("fsync");
+    let (status, retry_after) = post_event(&gateway, "refused-1").await;
+    assert_eq!((status, retry_after.is_some()), (503, true));
+    let (status, body) = readiness(&gateway).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (503, Some("spool failed"))
+    );
+    // The disk recovers, the page cache cannot be trusted: still refused until a restart.
+    faulty.fail("");
+    assert_eq!(post_event(&gateway, "refused-2").await.0, 503);
+    gateway.stop_with("-TERM").await;
+    let up = Upstream::start_on(addr, |_, _| Reply::Status(200)).await;
+    gateway.spawn().await;
+    accept(&gateway, "ok-3").await;
+    let want: BTreeSet<String> = ["ok-1", "ok-2", "ok-3"]
+        .iter()
+        .map(|id| format!("{id}:up"))
+        .collect();
+    support::eventually("every accepted event delivered", WAIT, || {
+        (up.idempotency_keys() == want).then_some(())
+    })
+    .await;
+    gateway
+        .wait_metric("actiongate_pending_deliveries{upstream=\"up\"}", 0.0)
+        .await;
+    assert_eq!(up.idempotency_keys(), want, "a 503 was delivered");
+    // And it is new, not a duplicate: it was never stored.
+    assert_eq!(post_event(&gateway, "refused-1").await.0, 200);
+}

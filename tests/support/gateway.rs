@@ -285,8 +285,20 @@ impl Gateway {
 /// The status of `GET /readyz`, or None when the admin listener does not answer.
 /// `key: {given, …}` with the settings a test's YAML gave for `key` on its first line, if any;
 /// and the rest of the YAML.
+/// A setting the test gives itself (e.g. its own `path`) replaces the support's.
 fn merge_line(yaml: &str, key: &str, given: &str) -> (String, String) {
+    let given_key = given.split(':').next().unwrap_or_default();
     match yaml.strip_prefix(&format!("{key}: {{")) {
+        Some(rest)
+            if rest
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .contains(&format!("{given_key}:")) =>
+        {
+            let (line, rest) = rest.split_once('\n').unwrap_or((rest, ""));
+            (format!("{key}: {{{line}\n"), rest.to_string())
+        }
         Some(rest) => match rest.split_once('\n') {
             Some((line, rest)) => (format!("{key}: {{{given}, {line}\n"), rest.to_string()),
             None => (format!("{key}: {{{given}, {rest}\n"), String::new()),
