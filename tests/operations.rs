@@ -587,3 +587,78 @@ async fn logfmt_logs_are_key_value_lines_without_secrets() {
     assert!(logs.lines().all(|l| l.starts_with("ts=")), "{logs}");
     assert_no_secrets_or_payload(&logs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_writes_one_line_per_source_and_reason_while_events_keep_theirs() {
+    let upstream = support::upstream::Upstream::ok().await;
+    let yaml = format!(
+        "log: {{format: json}}\nsources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], \
+         secret: {{header: X-Secret, value: \"${{FLOOD_SECRET}}\"}}, upstreams: [{{name: up, url: \"{}\"}}]}}\n",
+        upstream.url("/")
+    );
+    let gateway =
+        support::gateway::Gateway::start_with_env(&yaml, &[("FLOOD_SECRET", "flood-secret")]).await;
+    let refused_from = |ip: &str| Some(ip.parse::<std::net::IpAddr>().unwrap());
+    let post = |id: &str, secret: &str| {
+        support::client::Request::post_json("/act", &support::event_with_id(id))
+            .header("X-Secret", secret)
+    };
+    let flood = 300;
+    for i in 0..flood {
+        let from_elsewhere = post(&format!("f{i}"), "wrong")
+            .send_from(gateway.addr, refused_from("127.0.0.3"))
+            .await;
+        assert_eq!(from_elsewhere.status, 403);
+        let wrong_secret = post(&format!("w{i}"), "wrong").send(gateway.addr).await;
+        assert_eq!(wrong_secret.status, 401);
+    }
+    for i in 0..3 {
+        let ok = post(&format!("ok{i}"), "flood-secret")
+            .send(gateway.addr)
+            .await;
+        assert_eq!(ok.status, 200);
+    }
+    // The counters count every refusal.
+    gateway
+        .wait_metric(
+            "actiongate_requests_total{action=\"act\",outcome=\"forbidden_source\"}",
+            flood as f64,
+        )
+        .await;
+    gateway
+        .wait_metric(
+            "actiongate_requests_total{action=\"act\",outcome=\"unauthorized\"}",
+            flood as f64,
+        )
+        .await;
+    // Each accepted event keeps its line; each (source, reason) has one line in 10 s.
+    let lines = support::eventually(
+        "three accepted lines",
+        std::time::Duration::from_secs(10),
+        || {
+            let logs = gateway.logs();
+            let lines: Vec<serde_json::Value> = logs
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|l: &serde_json::Value| l["target"] == "actiongate::request")
+                .collect();
+            (lines.iter().filter(|l| l["outcome"] == "accepted").count() == 3).then_some(lines)
+        },
+    )
+    .await;
+    let count = |outcome: &str, client: &str| {
+        lines
+            .iter()
+            .filter(|l| l["outcome"] == outcome && l["client"] == client)
+            .count()
+    };
+    assert_eq!(count("forbidden_source", "127.0.0.3"), 1, "{lines:#?}");
+    assert_eq!(count("unauthorized", "127.0.0.1"), 1, "{lines:#?}");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    let bytes = gateway.logs().len();
+    assert!(
+        bytes < 8 * 1024,
+        "{bytes} bytes of log for {} refusals",
+        2 * flood
+    );
+}

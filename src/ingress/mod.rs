@@ -8,6 +8,7 @@ pub mod allowlist;
 pub mod answer;
 pub mod client_addr;
 pub mod payload;
+pub mod refusals;
 pub mod secret;
 
 use std::collections::{HashMap, HashSet};
@@ -39,6 +40,8 @@ pub struct Ingress {
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     drift_logged: Mutex<HashSet<(usize, String)>>,
+    /// Refusals by address or secret, logged at most once per source every 10 s.
+    refusals: refusals::RefusalLog,
 }
 
 /// What the checks learnt about a request, for its log line.
@@ -89,6 +92,7 @@ impl Ingress {
             metrics,
             lifecycle,
             drift_logged: Mutex::new(HashSet::new()),
+            refusals: refusals::RefusalLog::default(),
         }
     }
 
@@ -123,6 +127,33 @@ impl Ingress {
         } else {
             answer.detail.as_str()
         };
+        // Refusals by address or secret are what a flood is made of: one line per source and
+        // reason every 10 s, saying how many it stands for.
+        let refused = match (answer.outcome, seen.client) {
+            (Outcome::ForbiddenSource | Outcome::Unauthorized, Some(client)) => {
+                match self
+                    .refusals
+                    .refused(client, answer.outcome.label(), Instant::now())
+                {
+                    refusals::Verdict::Quiet => return result.map(|()| true),
+                    refusals::Verdict::Log(count) => count,
+                }
+            }
+            _ => 1,
+        };
+        if refused > 1 {
+            log::info!(
+                target: "actiongate::request",
+                action = route.name.as_ref(),
+                client:% = seen.client.map_or_else(String::new, |c| c.to_string()),
+                outcome = answer.outcome.label(),
+                status = status,
+                refused = refused,
+                reason = reason;
+                "requests refused since the last line for this source"
+            );
+            return result.map(|()| true);
+        }
         log::info!(
             target: "actiongate::request",
             action = route.name.as_ref(),
@@ -181,11 +212,17 @@ impl Ingress {
             // push addresses: say so (the answer stays 403).
             if secret_ok == Some(true) {
                 route.metrics.forbidden_with_secret.inc();
-                log::warn!(
-                    "action={} refused source {client} although its secret was right: \
-                     has Flashduty changed its push addresses? (see sources.flashduty)",
-                    action.name
-                );
+                let verdict = self
+                    .refusals
+                    .refused(client, "right_secret", Instant::now());
+                if let refusals::Verdict::Log(count) = verdict {
+                    log::warn!(
+                        "action={} refused source {client} although its secret was right \
+                         ({count} since the last such line): has Flashduty changed its push \
+                         addresses? (see sources.flashduty)",
+                        action.name
+                    );
+                }
             }
             return Answer::error(
                 Outcome::ForbiddenSource,
