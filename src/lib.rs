@@ -181,8 +181,13 @@ impl ActionGate {
         &self.spool
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The request path in force.
+    pub fn ingress(&self) -> Arc<Ingress> {
+        self.ingress.load_full()
     }
 
     pub fn lifecycle(&self) -> &Arc<Lifecycle> {

@@ -53,6 +53,44 @@ pub struct Metrics {
     commit_batch: Histogram,
     spool_segments: IntGauge,
     spool_refusing: IntGaugeVec,
+    connections_refused: IntCounterVec,
+    connections_open: IntGauge,
+}
+
+/// Why a connection was closed by the gateway, as `actiongate_connections_refused_total{reason}`
+/// says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// No action allows the peer (and no fallback takes other traffic).
+    Source,
+    /// `limits.max_connections` reached.
+    Limit,
+    /// `limits.max_connections_per_source` reached for the peer.
+    PerSource,
+    /// The request head did not arrive in time (contract series; not yet enforced).
+    HeaderTimeout,
+    /// Idle past `idle_timeout` (contract series; not yet enforced).
+    IdleTimeout,
+}
+
+impl ConnectionRefusal {
+    const ALL: [ConnectionRefusal; 5] = [
+        ConnectionRefusal::Source,
+        ConnectionRefusal::Limit,
+        ConnectionRefusal::PerSource,
+        ConnectionRefusal::HeaderTimeout,
+        ConnectionRefusal::IdleTimeout,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnectionRefusal::Source => "source",
+            ConnectionRefusal::Limit => "limit",
+            ConnectionRefusal::PerSource => "per_source",
+            ConnectionRefusal::HeaderTimeout => "header_timeout",
+            ConnectionRefusal::IdleTimeout => "idle_timeout",
+        }
+    }
 }
 
 /// Why the spool refuses new events, as `actiongate_spool_refusing{reason}` says.
@@ -248,6 +286,21 @@ impl Metrics {
                 must(registry.register(Box::new(g.clone())));
                 g
             },
+            connections_open: {
+                let g = must(IntGauge::new(
+                    "actiongate_connections",
+                    "Open connections on the main listeners (capped by limits.max_connections).",
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g
+            },
+            connections_refused: counter(
+                "actiongate_connections_refused_total",
+                "Connections the gateway closed: reason=source (allowed by no action, closed \
+                 at accept), limit (limits.max_connections), per_source \
+                 (limits.max_connections_per_source).",
+                &["reason"],
+            ),
             spool_refusing: gauge(
                 "actiongate_spool_refusing",
                 "1 while the spool refuses new events: reason=disk_full passes by itself once \
@@ -256,6 +309,11 @@ impl Metrics {
             ),
             registry,
         };
+        for reason in ConnectionRefusal::ALL {
+            metrics
+                .connections_refused
+                .with_label_values(&[reason.label()]);
+        }
         for reason in SpoolRefusal::ALL {
             metrics.spool_refusing.with_label_values(&[reason.label()]);
         }
@@ -345,6 +403,21 @@ impl Metrics {
         let result = if applied { "applied" } else { "refused" };
         self.reloads.with_label_values(&[result]).inc();
         self.reload_ok.set(i64::from(applied));
+    }
+
+    /// One more (`true`) or one fewer open connection.
+    pub fn connection_open(&self, opened: bool) {
+        if opened {
+            self.connections_open.inc();
+        } else {
+            self.connections_open.dec();
+        }
+    }
+
+    pub fn connection_refused(&self, why: ConnectionRefusal) {
+        self.connections_refused
+            .with_label_values(&[why.label()])
+            .inc();
     }
 
     pub fn spool_segments(&self, count: usize) {

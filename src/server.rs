@@ -18,6 +18,7 @@ use pingora_proxy::HttpProxy;
 use tokio::sync::broadcast;
 
 use crate::config::Config;
+use crate::ingress::guard::{AcceptFilter, ConnectionGuard};
 use crate::lifecycle::Lifecycle;
 use crate::proxy::EdgeProxy;
 use crate::reload::Reloader;
@@ -92,6 +93,12 @@ impl Gateway {
             Duration::ZERO
         };
         let gate = ActionGate::open(config, spool_wait)?;
+        let open_files = raise_open_files_limit();
+        let guard = ConnectionGuard::new(gate.clone(), open_files);
+        log::info!(
+            "open-files limit {open_files}: at most {} connections",
+            guard.max_connections()
+        );
         let mut proxy = Service::new(
             "actiongate".to_string(),
             Connections {
@@ -100,8 +107,10 @@ impl Gateway {
                     EdgeProxy { gate: gate.clone() },
                 )),
                 lifecycle: gate.lifecycle().clone(),
+                guard: guard.clone(),
             },
         );
+        proxy.set_connection_filter(Arc::new(AcceptFilter(guard)));
         let mut certs = Vec::new();
         for listener in &listeners {
             let addr = listener.addr.to_string();
@@ -217,6 +226,7 @@ fn exit_when_served(mut phases: broadcast::Receiver<ExecutionPhase>, gate: Actio
 struct Connections {
     proxy: Arc<HttpProxy<EdgeProxy>>,
     lifecycle: Arc<Lifecycle>,
+    guard: Arc<ConnectionGuard>,
 }
 
 /// How long a connection accepted just before shutdown has for its request to arrive.
@@ -229,6 +239,14 @@ impl ServerApp for Connections {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let peer = session
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+        // Counted for the caps while it is open; one over a cap is closed here.
+        let _counted = match peer {
+            Some(peer) => Some(self.guard.open(peer)?),
+            None => None,
+        };
         let _open = self.lifecycle.connection();
         self.proxy.process_new(session, shutdown).await
     }
@@ -238,4 +256,29 @@ impl ServerApp for Connections {
         self.proxy.cleanup().await;
         self.lifecycle.close_listeners();
     }
+}
+
+/// Raises the soft limit on open files to the hard one (a gateway at the edge holds many
+/// sockets) and returns the soft limit now in force.
+fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
 }

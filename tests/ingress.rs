@@ -74,21 +74,23 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
             "unknown_action",
             "no action at /actions/nope",
         ),
+        // 127.0.0.2 is the partner action's source, not restart's. (A peer that no action
+        // allows is closed at accept: see connections_from_sources_no_action_allows_…)
         (
             "source not allowed",
             post("/actions/restart", &body),
-            Some("127.0.0.3"),
+            Some("127.0.0.2"),
             403,
             "forbidden_source",
-            "source 127.0.0.3 is not allowed for action restart",
+            "source 127.0.0.2 is not allowed for action restart",
         ),
         (
             "XFF from an untrusted peer is ignored",
             post("/actions/restart", &body).header("X-Forwarded-For", "127.0.0.1"),
-            Some("127.0.0.3"),
+            Some("127.0.0.2"),
             403,
             "forbidden_source",
-            "source 127.0.0.3",
+            "source 127.0.0.2",
         ),
         (
             "leftmost XFF is never believed",
@@ -101,10 +103,10 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
         (
             "address is checked before the secret",
             Request::post_json("/actions/restart", &body),
-            Some("127.0.0.3"),
+            Some("127.0.0.2"),
             403,
             "forbidden_source",
-            "127.0.0.3",
+            "127.0.0.2",
         ),
         (
             "secret missing",
@@ -453,9 +455,9 @@ async fn sources_are_matched_by_address_and_trusted_proxy_hops() {
         .await;
     assert_eq!(direct.status, 200);
     let other = Request::post_json("/actions/partner", &body("s2"))
-        .send_from(gateway.addr, Some(ip("127.0.0.3")))
+        .send_from(gateway.addr, Some(ip("127.0.0.1")))
         .await;
-    assert_error(&other, 403, "forbidden_source", "source 127.0.0.3");
+    assert_error(&other, 403, "forbidden_source", "source 127.0.0.1");
     // Through the trusted proxy 127.0.0.4, the rightmost untrusted hop is the client.
     let proxied = Request::post_json("/actions/partner", &body("s3"))
         .header("X-Forwarded-For", "203.0.113.7, 127.0.0.2")
@@ -682,4 +684,114 @@ async fn admin_health_and_every_series_exist_from_start() {
     ] {
         assert!(text.contains(series), "missing {series}");
     }
+}
+
+/// Whether a connection from `from` is closed without an answer (at accept, by the gateway).
+async fn closed_without_an_answer(to: SocketAddr, from: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = support::client::connect(to, Some(ip(from))).await;
+    let request = Request::post_json("/actions/partner", &event_with_id("closed")).head(to);
+    // The write may already fail: the gateway closed the socket right after accept().
+    let _ = stream.write_all(&request).await;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("neither answered nor closed within 10 s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_sources_no_action_allows_are_closed_at_accept() {
+    let upstream = Upstream::ok().await;
+    let gateway = start(&upstream).await;
+    // 127.0.0.3 is allowed by no action and is no trusted proxy: closed, nothing read.
+    for _ in 0..5 {
+        assert!(closed_without_an_answer(gateway.addr, "127.0.0.3").await);
+    }
+    assert_eq!(
+        gateway
+            .metric("actiongate_connections_refused_total{reason=\"source\"}")
+            .await,
+        5.0
+    );
+    // Not counted as requests: none was read.
+    assert_eq!(
+        gateway
+            .metric("actiongate_requests_total{action=\"partner\",outcome=\"forbidden_source\"}")
+            .await,
+        0.0
+    );
+    // The allowed source and the trusted proxy still get in.
+    let ok = Request::post_json("/actions/partner", &event_with_id("open-1"))
+        .send_from(gateway.addr, Some(ip("127.0.0.2")))
+        .await;
+    assert_eq!(ok.status, 200);
+    let proxied = Request::post_json("/actions/partner", &event_with_id("open-2"))
+        .header("X-Forwarded-For", "127.0.0.2")
+        .send_from(gateway.addr, Some(ip("127.0.0.4")))
+        .await;
+    assert_eq!(proxied.status, 200);
+    gateway
+        .wait_metric(
+            "actiongate_requests_total{action=\"partner\",outcome=\"accepted\"}",
+            2.0,
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_fallback_every_source_reaches_the_request_path() {
+    let upstream = Upstream::ok().await;
+    let yaml = format!(
+        "{}fallback: {{url: \"{}\"}}\n",
+        config(&upstream.url("")),
+        upstream.url("")
+    );
+    let gateway = Gateway::start_with_env(&yaml, &[("SECRET", SECRET)]).await;
+    let refused = Request::post_json("/actions/partner", &event_with_id("fb-1"))
+        .send_from(gateway.addr, Some(ip("127.0.0.3")))
+        .await;
+    assert_error(&refused, 403, "forbidden_source", "source 127.0.0.3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_source_and_total_caps_are_closed_at_accept() {
+    let upstream = Upstream::ok().await;
+    let yaml = config(&upstream.url("")).replace(
+        "limits: {max_body: 64KiB, read_timeout: 500ms}",
+        "limits: {max_body: 64KiB, read_timeout: 500ms, max_connections: 4, max_connections_per_source: 2}",
+    );
+    let gateway = Gateway::start_with_env(&yaml, &[("SECRET", SECRET)]).await;
+    let open = "actiongate_connections";
+    // Two idle connections from the partner's address are its share (counted once the
+    // listener has taken them: accepts run on several threads, in no fixed order).
+    let held = hold(gateway.addr, "127.0.0.2", 2).await;
+    gateway.wait_metric(open, 2.0).await;
+    assert!(closed_without_an_answer(gateway.addr, "127.0.0.2").await);
+    let refused =
+        |reason: &str| format!("actiongate_connections_refused_total{{reason=\"{reason}\"}}");
+    assert_eq!(gateway.metric(&refused("per_source")).await, 1.0);
+    // The trusted proxy is exempt from the per-source cap, not from the total one (4).
+    let proxy = hold(gateway.addr, "127.0.0.4", 2).await;
+    gateway.wait_metric(open, 4.0).await;
+    assert!(closed_without_an_answer(gateway.addr, "127.0.0.4").await);
+    assert_eq!(gateway.metric(&refused("limit")).await, 1.0);
+    // Connections closed give their place back.
+    drop(held);
+    drop(proxy);
+    gateway.wait_metric(open, 0.0).await;
+    let response = Request::post_json("/actions/partner", &event_with_id("cap-1"))
+        .send_from(gateway.addr, Some(ip("127.0.0.2")))
+        .await;
+    assert_eq!(response.status, 200);
+}
+
+/// `n` connections from `from` that have sent nothing, held open until dropped.
+async fn hold(to: SocketAddr, from: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(support::client::connect(to, Some(ip(from))).await);
+    }
+    held
 }

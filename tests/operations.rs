@@ -593,7 +593,9 @@ async fn a_flood_of_refusals_writes_one_line_per_source_and_reason_while_events_
     let upstream = support::upstream::Upstream::ok().await;
     let yaml = format!(
         "log: {{format: json}}\nsources: {{local: [\"127.0.0.1/32\"]}}\nactions:\n  - {{name: act, path: /act, allow: [local], \
-         secret: {{header: X-Secret, value: \"${{FLOOD_SECRET}}\"}}, upstreams: [{{name: up, url: \"{}\"}}]}}\n",
+         secret: {{header: X-Secret, value: \"${{FLOOD_SECRET}}\"}}, upstreams: [{{name: up, url: \"{}\"}}]}}\n  \
+         - {{name: other, path: /other, allow: [\"127.0.0.3/32\"], upstreams: [{{name: up, url: \"{}\"}}]}}\n",
+        upstream.url("/"),
         upstream.url("/")
     );
     let gateway =

@@ -98,6 +98,12 @@ pub struct Limits {
     pub max_body: usize,
     /// Deadline for receiving the whole request body.
     pub read_timeout: Duration,
+    /// Open connections on all listeners together; `None`: 80 % of the open-files limit,
+    /// read when the listener starts (so that the spool, the admin listener and upstream
+    /// sockets always have descriptors left).
+    pub max_connections: Option<usize>,
+    /// Open connections from one socket peer; trusted proxies are exempt.
+    pub max_connections_per_source: usize,
 }
 
 /// Where requests that match no action are proxied.
@@ -367,6 +373,19 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
             ),
         );
     }
+    let positive = |check: &mut Check, key: &str, value: Option<u64>| {
+        if value == Some(0) {
+            check.fail(key, "must be more than 0");
+        }
+        value.map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+    };
+    let max_connections = positive(check, "limits.max_connections", raw.limits.max_connections);
+    let max_connections_per_source = positive(
+        check,
+        "limits.max_connections_per_source",
+        raw.limits.max_connections_per_source,
+    )
+    .unwrap_or(256);
     let limits = Limits {
         max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
         read_timeout: check.duration(
@@ -374,6 +393,8 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
             raw.limits.read_timeout.as_deref(),
             Duration::from_secs(5),
         ),
+        max_connections,
+        max_connections_per_source,
     };
     let dedup_window = check.duration(
         "dedup_window",

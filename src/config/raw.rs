@@ -102,6 +102,10 @@ pub struct RawLimits {
     pub max_body: Option<serde_yaml::Value>,
     /// Deadline for the whole body [5s].
     pub read_timeout: Option<String>,
+    /// Open connections on all listeners together [80% of the open-files limit].
+    pub max_connections: Option<u64>,
+    /// Open connections from one socket peer address; trusted proxies are exempt [256].
+    pub max_connections_per_source: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

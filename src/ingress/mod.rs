@@ -7,6 +7,7 @@
 pub mod allowlist;
 pub mod answer;
 pub mod client_addr;
+pub mod guard;
 pub mod payload;
 pub mod refusals;
 pub mod secret;
@@ -94,6 +95,18 @@ impl Ingress {
             drift_logged: Mutex::new(HashSet::new()),
             refusals: refusals::RefusalLog::default(),
         }
+    }
+
+    /// Whether `peer` is one of `trusted_proxies`.
+    pub fn is_trusted_proxy(&self, peer: std::net::IpAddr) -> bool {
+        self.trusted_proxies.contains(peer)
+    }
+
+    /// Whether some action allows `peer` as a client.
+    pub fn admits(&self, peer: std::net::IpAddr) -> bool {
+        self.actions
+            .values()
+            .any(|route| route.action.allow.contains(peer))
     }
 
     /// Whether `path` is an action path.
