@@ -67,9 +67,9 @@ pub enum ConnectionRefusal {
     Limit,
     /// `limits.max_connections_per_source` reached for the peer.
     PerSource,
-    /// The request head did not arrive in time (contract series; not yet enforced).
+    /// The first request head did not arrive within `limits.header_timeout`.
     HeaderTimeout,
-    /// Idle past `idle_timeout` (contract series; not yet enforced).
+    /// The next request head did not arrive within `limits.idle_timeout`.
     IdleTimeout,
 }
 
@@ -298,7 +298,7 @@ impl Metrics {
                 "actiongate_connections_refused_total",
                 "Connections the gateway closed: reason=source (allowed by no action, closed \
                  at accept), limit (limits.max_connections), per_source \
-                 (limits.max_connections_per_source).",
+                 (limits.max_connections_per_source), header_timeout, idle_timeout.",
                 &["reason"],
             ),
             spool_refusing: gauge(

@@ -6,6 +6,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
 
+use crate::ingress::watchdog;
 use crate::ActionGate;
 
 pub struct EdgeProxy {
@@ -17,6 +18,24 @@ impl ProxyHttp for EdgeProxy {
     type CTX = ();
 
     fn new_ctx(&self) -> Self::CTX {}
+
+    async fn early_request_filter(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora_core::Result<()> {
+        watchdog::head_arrived();
+        Ok(())
+    }
+
+    async fn logging(
+        &self,
+        _session: &mut Session,
+        _e: Option<&pingora_error::Error>,
+        _ctx: &mut (),
+    ) {
+        watchdog::response_sent();
+    }
 
     async fn request_filter(
         &self,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{ExecutionPhase, RunArgs, Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -19,6 +19,7 @@ use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::ingress::guard::{AcceptFilter, ConnectionGuard};
+use crate::ingress::watchdog;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::EdgeProxy;
 use crate::reload::Reloader;
@@ -248,7 +249,27 @@ impl ServerApp for Connections {
             None => None,
         };
         let _open = self.lifecycle.connection();
-        self.proxy.process_new(session, shutdown).await
+        // HTTP/2 runs each stream in a task of its own, where the proxy's phases cannot reach
+        // this connection's watchdog: it is left to Pingora's own timeouts.
+        if matches!(session.selected_alpn_proto(), Some(ALPN::H2)) {
+            return self.proxy.process_new(session, shutdown).await;
+        }
+        let limits = self.guard.limits();
+        let served = watchdog::guard(
+            limits.header_timeout,
+            limits.idle_timeout,
+            self.proxy.process_new(session, shutdown),
+        )
+        .await;
+        match served {
+            Ok(reuse) => reuse,
+            Err(why) => {
+                if let Some(peer) = peer {
+                    self.guard.cut(peer, why);
+                }
+                None
+            }
+        }
     }
 
     async fn cleanup(&self) {

@@ -795,3 +795,80 @@ async fn hold(to: SocketAddr, from: &str, n: usize) -> Vec<tokio::net::TcpStream
     }
     held
 }
+
+/// Reads until the peer closes the connection; panics if it stays open `limit`.
+async fn wait_closed(stream: &mut tokio::net::TcpStream, limit: Duration) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the connection was still open after {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_trickled_in_past_header_timeout_closes_the_connection() {
+    let upstream = Upstream::ok().await;
+    let yaml = config(&upstream.url("")).replace(
+        "limits: {max_body: 64KiB, read_timeout: 500ms}",
+        "limits: {max_body: 64KiB, read_timeout: 500ms, header_timeout: 1s}",
+    );
+    let gateway = Gateway::start_with_env(&yaml, &[("SECRET", SECRET)]).await;
+    let mut stream = support::client::connect(gateway.addr, Some(ip("127.0.0.2"))).await;
+    stream
+        .write_all(b"POST /actions/partner HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // A header byte every 100 ms: each read is quick, the head never ends. Bounded: the
+    // gateway must close it well before 100 bytes.
+    let trickle = async {
+        for _ in 0..100 {
+            if stream.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    trickle.await;
+    wait_closed(&mut stream, Duration::from_secs(10)).await;
+    gateway
+        .wait_metric(
+            "actiongate_connections_refused_total{reason=\"header_timeout\"}",
+            1.0,
+        )
+        .await;
+    // A prompt request is not affected.
+    let ok = Request::post_json("/actions/partner", &event_with_id("prompt"))
+        .send_from(gateway.addr, Some(ip("127.0.0.2")))
+        .await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_idle_past_idle_timeout_is_closed() {
+    let upstream = Upstream::ok().await;
+    let yaml = config(&upstream.url("")).replace(
+        "limits: {max_body: 64KiB, read_timeout: 500ms}",
+        "limits: {max_body: 64KiB, read_timeout: 500ms, idle_timeout: 1s}",
+    );
+    let gateway = Gateway::start_with_env(&yaml, &[("SECRET", SECRET)]).await;
+    let mut stream = support::client::connect(gateway.addr, Some(ip("127.0.0.2"))).await;
+    let request = Request::post_json("/actions/partner", &event_with_id("idle-1"));
+    let mut bytes = request.head(gateway.addr);
+    bytes.extend_from_slice(&request.body);
+    stream.write_all(&bytes).await.unwrap();
+    let answer = read_response(&mut stream).await.unwrap();
+    assert_eq!(answer.status, 200);
+    // Then nothing: closed by the gateway, counted as idle.
+    wait_closed(&mut stream, Duration::from_secs(10)).await;
+    gateway
+        .wait_metric(
+            "actiongate_connections_refused_total{reason=\"idle_timeout\"}",
+            1.0,
+        )
+        .await;
+}

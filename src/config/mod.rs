@@ -98,6 +98,12 @@ pub struct Limits {
     pub max_body: usize,
     /// Deadline for receiving the whole request body.
     pub read_timeout: Duration,
+    /// The first request head of a connection must have arrived this long after the connection
+    /// was accepted, else it is closed (slow-header attacks).
+    pub header_timeout: Duration,
+    /// After a response, the next request head must have arrived within this, else the
+    /// keep-alive connection is closed.
+    pub idle_timeout: Duration,
     /// Open connections on all listeners together; `None`: 80 % of the open-files limit,
     /// read when the listener starts (so that the spool, the admin listener and upstream
     /// sockets always have descriptors left).
@@ -393,9 +399,27 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
             raw.limits.read_timeout.as_deref(),
             Duration::from_secs(5),
         ),
+        header_timeout: check.duration(
+            "limits.header_timeout",
+            raw.limits.header_timeout.as_deref(),
+            Duration::from_secs(5),
+        ),
+        idle_timeout: check.duration(
+            "limits.idle_timeout",
+            raw.limits.idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
         max_connections,
         max_connections_per_source,
     };
+    for (key, value) in [
+        ("limits.header_timeout", limits.header_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+    ] {
+        if value.is_zero() {
+            check.fail(key, "must be more than 0");
+        }
+    }
     let dedup_window = check.duration(
         "dedup_window",
         raw.dedup_window.as_deref(),

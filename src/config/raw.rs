@@ -102,6 +102,10 @@ pub struct RawLimits {
     pub max_body: Option<serde_yaml::Value>,
     /// Deadline for the whole body [5s].
     pub read_timeout: Option<String>,
+    /// The whole request head must arrive within it, else the connection is closed [5s].
+    pub header_timeout: Option<String>,
+    /// A keep-alive connection idle this long is closed [60s].
+    pub idle_timeout: Option<String>,
     /// Open connections on all listeners together [80% of the open-files limit].
     pub max_connections: Option<u64>,
     /// Open connections from one socket peer address; trusted proxies are exempt [256].

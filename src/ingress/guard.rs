@@ -100,6 +100,16 @@ impl ConnectionGuard {
         None
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> crate::config::Limits {
+        self.gate.config().limits
+    }
+
+    /// Counts and logs a connection closed for a timeout.
+    pub fn cut(&self, peer: SocketAddr, why: ConnectionRefusal) {
+        self.refused(peer.ip().to_canonical(), why);
+    }
+
     /// Counts a refusal, and logs it at most once per peer and reason every 10 s.
     fn refused(&self, peer: IpAddr, why: ConnectionRefusal) {
         self.metrics.connection_refused(why);
@@ -109,7 +119,7 @@ impl ConnectionGuard {
                 client:% = peer,
                 reason = why.label(),
                 refused = count;
-                "connections closed at accept"
+                "connections closed"
             );
         }
     }

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod payload;
 pub mod refusals;
 pub mod secret;
+pub mod watchdog;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
