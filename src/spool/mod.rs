@@ -7,6 +7,14 @@
 //! once its event is on disk. Event bodies stay on disk and are read back with `pread` when a
 //! delivery needs them, so a backlog costs memory only for its index entries.
 //!
+//! The invariant that keeps a restart from re-running delivered actions: **a segment is
+//! deleted only when nothing in it is still needed to rebuild the state** — before it goes,
+//! its unexpired dedup keys, a snapshot of every delivery of an older segment's event it holds
+//! a record of, and which older events it finished are written to the newest segment
+//! ([`state::State::carry`]). And the other half: a change reaches the index only once it is on
+//! disk, and a write that failed is cut from the file, so the index never holds what a restart
+//! would not find.
+//!
 //! Why not an embedded B-tree store (redb, the design's first candidate): it was tried, and
 //! measured at 33-89 us per accepted event (copy-on-write pages across six tables), which
 //! capped the gateway near 5,000 events/s on this machine; the log costs a few microseconds.
