@@ -420,6 +420,13 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
             check.fail(key, "must be more than 0");
         }
     }
+    // Pingora closes a keep-alive connection idle for 60 s by itself.
+    if limits.idle_timeout > Duration::from_secs(60) {
+        check.fail(
+            "limits.idle_timeout",
+            "at most 60s (Pingora closes idle keep-alive connections at 60s)",
+        );
+    }
     let dedup_window = check.duration(
         "dedup_window",
         raw.dedup_window.as_deref(),

@@ -105,8 +105,13 @@ impl ConnectionGuard {
         self.gate.config().limits
     }
 
-    /// Counts and logs a connection closed for a timeout.
+    /// Counts a connection closed for a timeout, and logs it unless it was only idle (a
+    /// pooled keep-alive connection reaching idle_timeout is ordinary, not an attack).
     pub fn cut(&self, peer: SocketAddr, why: ConnectionRefusal) {
+        if why == ConnectionRefusal::IdleTimeout {
+            self.metrics.connection_refused(why);
+            return;
+        }
         self.refused(peer.ip().to_canonical(), why);
     }
 

@@ -289,6 +289,14 @@ pub fn repair(dir: &Path) -> Result<Vec<String>, SpoolError> {
                 kept.extend_from_slice(&data[pos..]);
                 break;
             };
+            if damage.why.starts_with(segment::NEWER) {
+                return Err(SpoolError::Storage(format!(
+                    "{} holds {} at offset {}: not damage; run that version on this spool",
+                    path.display(),
+                    segment::NEWER,
+                    pos + damage.at
+                )));
+            }
             let bad = pos + damage.at;
             kept.extend_from_slice(&data[pos..bad]);
             let resume = segment::next_record(&data, bad + 1).unwrap_or(data.len());
@@ -344,17 +352,17 @@ fn set_aside(segment: &Path, bytes: &[u8], what: &str) -> Result<PathBuf, SpoolE
 /// Creates segment `number` (append handle, read handle) and makes its name durable.
 /// If it fails, no file is left behind: an empty newer segment would make the active one a
 /// middle segment at the next start, where a torn tail is refused as damage.
-fn create_segment(dir: &Path, number: u64) -> std::io::Result<(File, File)> {
+fn create_segment(dir: &Path, dir_handle: &File, number: u64) -> std::io::Result<(File, File)> {
     let path = segment::segment_path(dir, number);
-    let created = std::fs::OpenOptions::new()
+    // Only a file this call created is removed on failure.
+    let append = std::fs::OpenOptions::new()
         .create_new(true)
         .append(true)
-        .open(&path)
-        .and_then(|append| Ok((append, File::open(&path)?)))
-        .and_then(|files| {
-            File::open(dir)?.sync_all()?;
-            Ok(files)
-        });
+        .open(&path)?;
+    let created = File::open(&path).and_then(|read| {
+        dir_handle.sync_all()?;
+        Ok((append, read))
+    });
     if created.is_err() {
         let _ = std::fs::remove_file(&path);
     }
@@ -417,6 +425,7 @@ impl Spool {
         segment_bytes: u64,
     ) -> Result<Spool, SpoolError> {
         let lock = lock_dir(dir)?;
+        let dir_handle = File::open(dir).map_err(|e| storage(dir.display(), e))?;
         let numbers = segment_numbers(dir)?;
         let mut state = State::default();
         let mut files = Files::new();
@@ -430,6 +439,15 @@ impl Spool {
                 state.apply(number, offset as u64, record, &mut ignored);
             });
             if let Err(damage) = replayed {
+                if damage.why.starts_with(segment::NEWER) {
+                    return Err(SpoolError::Storage(format!(
+                        "{} holds {} at offset {}: run that version (or a later one) on this \
+                         spool; nothing was changed",
+                        path.display(),
+                        segment::NEWER,
+                        damage.at
+                    )));
+                }
                 if i + 1 < numbers.len() || damage.committed_after {
                     return Err(SpoolError::Storage(format!(
                         "{} is damaged at offset {} ({}), and acknowledged records follow the \
@@ -471,7 +489,7 @@ impl Spool {
             ),
             None => {
                 let (append, read) =
-                    create_segment(dir, 1).map_err(|e| storage(dir.display(), e))?;
+                    create_segment(dir, &dir_handle, 1).map_err(|e| storage(dir.display(), e))?;
                 files.insert(1, Arc::new(read));
                 state.segments.entry(1).or_default();
                 (append, 1)
@@ -507,6 +525,7 @@ impl Spool {
         let writer = Writer {
             inner: inner.clone(),
             dir: PathBuf::from(dir),
+            dir_handle,
             active,
             active_number,
             active_size,

@@ -25,6 +25,11 @@ const COMMIT: u8 = 6;
 const SEQ: u8 = 7;
 const STATE: u8 = 8;
 const FINISHED: u8 = 9;
+/// The highest record type this version writes. A whole record of a higher type was written by
+/// a newer version: not damage, and not to be repaired away (it may record deliveries done).
+const LAST_KIND: u8 = FINISHED;
+/// Why reading stops at a record of a newer version.
+pub const NEWER: &str = "a record type from a newer actiongate";
 
 /// Longest record body decoded: an event body (at most [`super::MAX_BODY`]) and its fields.
 /// Anything longer is damage.
@@ -339,6 +344,9 @@ fn record_at(data: &[u8], at: usize) -> Result<(Record, usize), &'static str> {
     if crc32fast::hash(body) != crc {
         return Err("checksum mismatch");
     }
+    if body[0] > LAST_KIND {
+        return Err(NEWER);
+    }
     let record = decode(body).ok_or("undecodable record")?;
     Ok((record, HEADER + len))
 }
@@ -368,7 +376,8 @@ pub fn read_segment(data: &[u8], mut each: impl FnMut(usize, Record)) -> Result<
 /// Where the next whole commit record starts, at or after `from`. A commit record is nine
 /// fixed bytes (`01 00 00 00`, its CRC, `06`), which no stored string can hold (a 0x00 byte
 /// is never followed by the CRC's 0xb8 in UTF-8) and no JSON body can (no raw 0x00): unlike
-/// other records, it cannot be forged inside an event_id.
+/// other records, it cannot be forged inside an event_id. Binary fields (numbers, a
+/// `Finished` bitmap) could hold the nine bytes by chance, about once in 2^72 positions.
 fn next_commit(data: &[u8], from: usize) -> Option<usize> {
     let mut pattern = [0u8; HEADER + 1];
     pattern[..4].copy_from_slice(&1u32.to_le_bytes());

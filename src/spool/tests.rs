@@ -531,7 +531,60 @@ struct Model {
     accepted: Vec<String>,
 }
 
+/// A random attempt result, as a lane would record it.
+fn random_finish(rng: &mut fastrand::Rng, step: usize) -> Finish {
+    let now = now_ms();
+    match rng.u32(0..20) {
+        0..=9 => Finish::Delivered {
+            at_ms: now,
+            status: 200,
+        },
+        10..=14 => Finish::Retry {
+            at_ms: now,
+            due_ms: now,
+            error: format!("HTTP 503 at {step}"),
+            status: Some(503),
+        },
+        15..=17 => dead(),
+        _ => Finish::Skipped,
+    }
+}
+
 impl Model {
+    /// An event accepted under `seq`: one pending delivery per upstream.
+    fn accepted(&mut self, seq: u64, id: String) {
+        self.deliveries.insert(seq << 8, ("up1", 0, false));
+        self.deliveries.insert(seq << 8 | 1, ("up2", 0, false));
+        self.accepted.push(id);
+    }
+
+    /// What `finish` does to pending delivery `id`.
+    fn finished(&mut self, id: u64, finish: &Finish) {
+        match finish {
+            Finish::Delivered { .. } | Finish::Skipped => {
+                self.deliveries.remove(&id);
+            }
+            Finish::Retry { .. } => {
+                if let Some(d) = self.deliveries.get_mut(&id) {
+                    d.1 += 1;
+                }
+            }
+            Finish::Dead { .. } => {
+                if let Some(d) = self.deliveries.get_mut(&id) {
+                    d.1 += 1;
+                    d.2 = true;
+                }
+            }
+        }
+    }
+
+    /// Dead letter `id` replayed: pending again, attempts reset.
+    fn replayed(&mut self, id: u64) {
+        if let Some(d) = self.deliveries.get_mut(&id) {
+            (d.1, d.2) = (0, false);
+        }
+    }
+
     fn pending(&self) -> Vec<u64> {
         self.deliveries
             .iter()
@@ -627,9 +680,7 @@ async fn random_history(seed: u64, steps: usize) {
                 match spool.append(event(&id)).await.unwrap() {
                     Appended::Accepted(seq) => {
                         assert!(!repeat, "{id} accepted twice, {at}");
-                        model.deliveries.insert(seq << 8, ("up1", 0, false));
-                        model.deliveries.insert(seq << 8 | 1, ("up2", 0, false));
-                        model.accepted.push(id);
+                        model.accepted(seq, id);
                     }
                     Appended::Duplicate => assert!(repeat, "{id} is new, {at}"),
                 }
@@ -640,32 +691,8 @@ async fn random_history(seed: u64, steps: usize) {
                     continue;
                 }
                 let id = pending[rng.usize(0..pending.len())];
-                let now = now_ms();
-                let finish = match rng.u32(0..20) {
-                    0..=9 => Finish::Delivered {
-                        at_ms: now,
-                        status: 200,
-                    },
-                    10..=14 => Finish::Retry {
-                        at_ms: now,
-                        due_ms: now,
-                        error: format!("HTTP 503 at {step}"),
-                        status: Some(503),
-                    },
-                    15..=17 => dead(),
-                    _ => Finish::Skipped,
-                };
-                let d = model.deliveries.get_mut(&id).unwrap();
-                match &finish {
-                    Finish::Delivered { .. } | Finish::Skipped => {
-                        model.deliveries.remove(&id);
-                    }
-                    Finish::Retry { .. } => d.1 += 1,
-                    Finish::Dead { .. } => {
-                        d.1 += 1;
-                        d.2 = true;
-                    }
-                }
+                let finish = random_finish(&mut rng, step);
+                model.finished(id, &finish);
                 spool.finish(id, finish).await.unwrap();
             }
             65..=74 => {
@@ -679,8 +706,7 @@ async fn random_history(seed: u64, steps: usize) {
                 let ids = if one { vec![id.unwrap_or(0)] } else { dead };
                 assert_eq!(replayed, ids.len(), "{at}");
                 for id in ids {
-                    let d = model.deliveries.get_mut(&id).unwrap();
-                    (d.1, d.2) = (0, false);
+                    model.replayed(id);
                 }
             }
             75..=84 => {
@@ -1363,29 +1389,8 @@ async fn random_batched_history(seed: u64, steps: usize) {
                     }
                     let id = pending[rng.usize(0..pending.len())];
                     touched.insert(id);
-                    let now = now_ms();
-                    let finish = match rng.u32(0..20) {
-                        0..=9 => delivered(),
-                        10..=14 => Finish::Retry {
-                            at_ms: now,
-                            due_ms: now,
-                            error: format!("r{step}"),
-                            status: Some(503),
-                        },
-                        15..=17 => dead(),
-                        _ => Finish::Skipped,
-                    };
-                    match &finish {
-                        Finish::Delivered { .. } | Finish::Skipped => {
-                            model.deliveries.remove(&id);
-                        }
-                        Finish::Retry { .. } => model.deliveries.get_mut(&id).unwrap().1 += 1,
-                        Finish::Dead { .. } => {
-                            let d = model.deliveries.get_mut(&id).unwrap();
-                            d.1 += 1;
-                            d.2 = true;
-                        }
-                    }
+                    let finish = random_finish(&mut rng, step);
+                    model.finished(id, &finish);
                     let spool = spool.clone();
                     tasks.push(tokio::spawn(async move {
                         spool.finish(id, finish).await.unwrap()
@@ -1402,8 +1407,7 @@ async fn random_batched_history(seed: u64, steps: usize) {
                     }
                     let id = dead[rng.usize(0..dead.len())];
                     touched.insert(id);
-                    let d = model.deliveries.get_mut(&id).unwrap();
-                    (d.1, d.2) = (0, false);
+                    model.replayed(id);
                     let spool = spool.clone();
                     tasks.push(tokio::spawn(async move {
                         assert_eq!(spool.replay(Some(id)).await.unwrap(), 1)
@@ -1433,11 +1437,7 @@ async fn random_batched_history(seed: u64, steps: usize) {
         }
         for (id, t) in appends {
             match t.await.unwrap() {
-                Appended::Accepted(seq) => {
-                    model.deliveries.insert(seq << 8, ("up1", 0, false));
-                    model.deliveries.insert(seq << 8 | 1, ("up2", 0, false));
-                    model.accepted.push(id);
-                }
+                Appended::Accepted(seq) => model.accepted(seq, id),
                 Appended::Duplicate => panic!("{id} is new, {at}"),
             }
         }
@@ -1521,3 +1521,27 @@ async fn repair_does_not_resume_at_a_record_forged_inside_an_event_id() {
 /// Bytes of an accept record before its event_id: header, type, seq, accepted and expiry
 /// times, action "a" with its length, event_id's length.
 const HEADER_AND_FIELDS_BEFORE_EVENT_ID: usize = 8 + 1 + 24 + 4 + 1 + 4;
+
+#[tokio::test]
+async fn a_record_of_a_newer_version_refuses_to_start_and_is_not_repaired_away() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = open(dir.path());
+        spool.append(event("n1")).await.unwrap();
+    }
+    // A whole record (valid CRC) of a type this version does not know, then a commit.
+    let path = dir.path().join(&segments(dir.path())[0]);
+    let mut data = std::fs::read(&path).unwrap();
+    let body = [200u8, 1, 2, 3];
+    data.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    data.extend_from_slice(&body);
+    segment::encode_commit(&mut data);
+    std::fs::write(&path, &data).unwrap();
+    let err = Spool::open(dir.path(), Duration::from_secs(60), metrics())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("newer actiongate"), "{err}");
+    assert!(repair(dir.path()).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), data, "nothing changed");
+}

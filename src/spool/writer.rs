@@ -41,6 +41,8 @@ const MAINTAIN_EVERY: Duration = Duration::from_secs(10);
 pub const SYNC_RESULTS_WITHIN: Duration = Duration::from_secs(1);
 /// How often results held back by a full disk are written again.
 pub(super) const RETRY_FULL_EVERY: Duration = Duration::from_secs(1);
+/// Segments deleted per maintenance pass at most.
+const DELETE_PER_PASS: usize = 16;
 /// Expired dedup keys forgotten per slice; the index lock is let go between slices.
 const PURGE_SLICE: usize = 4096;
 
@@ -135,6 +137,9 @@ struct BatchView {
 pub struct Writer {
     pub(super) inner: Arc<Inner>,
     pub(super) dir: PathBuf,
+    /// The spool directory, open for the writer's lifetime: fsyncing it after a segment is
+    /// created or deleted must not fail just because descriptors ran out for a moment.
+    pub(super) dir_handle: File,
     pub(super) active: File,
     pub(super) active_number: u64,
     pub(super) active_size: u64,
@@ -501,7 +506,9 @@ impl Writer {
                 .collect(),
             Err(_) => return,
         };
-        for number in finished {
+        // Each deletion costs two fsyncs on the writer thread, which acks wait for: purging one
+        // dead letter that pinned hundreds of segments frees them over several passes.
+        for number in finished.into_iter().take(DELETE_PER_PASS) {
             match self.delete_segment(number) {
                 Ok(()) => {}
                 // A full disk can still delete segments that need nothing carried forward.
@@ -517,7 +524,7 @@ impl Writer {
         // go to the next file only: seal it with a commit record and an fsync.
         self.append(&mut Encoded::default(), true)?;
         let number = self.active_number + 1;
-        let (file, read) = match super::create_segment(&self.dir, number) {
+        let (file, read) = match super::create_segment(&self.dir, &self.dir_handle, number) {
             Ok(files) => files,
             Err(e) => {
                 // Nothing was left behind: carry on in the active segment and try again at
@@ -586,7 +593,7 @@ impl Writer {
         }
         // Durable before the next deletion: carrying for a later segment assumes this one is
         // gone for good, and a power cut must not bring it back without what was carried.
-        if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+        if let Err(e) = self.dir_handle.sync_all() {
             return Err(self.fail(SpoolError::Storage(format!(
                 "fsync of {}: {e}",
                 self.dir.display()
