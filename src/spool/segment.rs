@@ -508,6 +508,8 @@ fn decode(body: &[u8]) -> Option<Record> {
         FINISHED => {
             let first = r.u64()?;
             let bits = r.bytes()?;
+            // A damaged `first` near u64::MAX would overflow below; no real sequence is there.
+            first.checked_add(bits.len() as u64 * 8)?;
             let seqs = (0..bits.len() * 8)
                 .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
                 .map(|i| first + i as u64)
