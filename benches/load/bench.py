@@ -6,7 +6,10 @@ payload mix on loopback. Prints a Markdown table and writes benches/load/results
 Run it through `bash benches/load/run` (which installs and builds what it needs).
 Environment: DURATION (seconds per peer, default 15), CONNECTIONS (32), THREADS (wrk, 2),
 BACKLOG (events for the backlog phase, default 100000; 0 skips it), RATE (requests/s of the
-paced phase, default 2000; 0 skips it), PACED_DURATION (its seconds per peer, default 10).
+paced phase, default 2000; 0 skips it), PACED_DURATION (its seconds per peer, default 10),
+EDGE (1: run the edge phase, 0 skips it), SLOW_REFUSED and SLOW_ALLOWED (slowloris
+connections from a refused and an allowed address, default 20000 and 2000), SLOW_RATE (new
+slowloris connections a second per address, default 1000).
 
 Each peer is loaded twice: first paced at RATE (latency below saturation: what a sender at that
 rate would see), then flat out by 32 connections (throughput; its latency is mostly queueing,
@@ -15,6 +18,11 @@ connections / throughput by Little's law).
 The backlog phase fills actiongate with BACKLOG events while its upstream is down (each is
 dead-lettered after one refused connection), brings the upstream back, replays all dead letters
 at once through the admin API, and measures the drain rate and peak RSS.
+
+The edge phase attacks from loopback aliases: slowloris from 127.0.0.3 (allowed by no action)
+and 127.0.0.2 (allowed) during the paced load, against a gateway limited to 8,192 open files;
+a flood of new connections from an address no action allows, beside nginx `deny`; and the log
+bytes that refused requests cost.
 """
 
 import json
@@ -26,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -37,6 +46,9 @@ CONNECTIONS = int(os.environ.get("CONNECTIONS", "32"))
 WRK_THREADS = int(os.environ.get("THREADS", "2"))
 SERVER_THREADS = 2
 BACKLOG = int(os.environ.get("BACKLOG", "100000"))
+EDGE = int(os.environ.get("EDGE", "1"))
+SLOW_REFUSED = int(os.environ.get("SLOW_REFUSED", "20000"))
+SLOW_ALLOWED = int(os.environ.get("SLOW_ALLOWED", "2000"))
 RATE = int(os.environ.get("RATE", "2000"))
 PACED_DURATION = int(os.environ.get("PACED_DURATION", "10"))
 WORK = Path(tempfile.mkdtemp(prefix="actiongate-bench-"))
@@ -79,11 +91,12 @@ def children(pid):
         return []
 
 
-def wrk(url, duration=None, limit=0, delay_ms=0):
+def wrk(url, duration=None, limit=0, delay_ms=0, **env_extra):
     """Loads url for `duration` s, or until each wrk thread has sent `limit` requests; with
-    `delay_ms`, each connection pauses that long between requests."""
+    `delay_ms`, each connection pauses that long between requests. `env_extra` goes to
+    payload.lua (SECRET, CLOSE)."""
     env = dict(os.environ, FIXTURES=str(ROOT / "tests" / "fixtures"), RUN_NONCE=f"{time.time_ns()}",
-               LIMIT=str(limit), DELAY_MS=str(delay_ms))
+               LIMIT=str(limit), DELAY_MS=str(delay_ms), **env_extra)
     cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration or DURATION}s", "--latency",
            "-s", str(HERE / "payload.lua"), url]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -101,6 +114,8 @@ def wrk(url, duration=None, limit=0, delay_ms=0):
     result["non_2xx"] = int(m.group(1)) if m else 0
     m = re.search(r"Socket errors:.*", out)
     result["socket_errors"] = m.group(0) if m else ""
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+)", out)
+    result["errors"] = sum(int(g) for g in m.groups()) if m else 0
     return result
 
 
@@ -141,7 +156,7 @@ def stop(proc):
             proc.wait()
 
 
-def run_nginx(port, sink_port):
+def run_nginx(port, sink_port, deny_port=None):
     conf = WORK / "nginx.conf"
     conf.write_text(f"""
 worker_processes {SERVER_THREADS};
@@ -161,6 +176,7 @@ http {{
     listen 127.0.0.1:{sink_port};
     location / {{ return 200; }}
   }}
+  {f"server {{ listen 127.0.0.1:{deny_port}; location / {{ deny all; }} }}" if deny_port else ""}
 }}
 """)
     return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(WORK)], stderr=subprocess.DEVNULL)
@@ -170,14 +186,13 @@ def main():
     for tool in ("wrk", "nginx", "webhook"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: run `bash benches/load/run`, which installs it")
-    actiongate = ROOT / "target" / "release" / "actiongate"
     responder = ROOT / "target" / "release" / "examples" / "bare_responder"
     results = {}
 
     # nginx serves both the ceiling and actiongate's upstream; the sink is idle until the
     # actiongate run, so the ceiling run is nginx alone.
-    nginx_port, sink_port = free_port(), free_port()
-    nginx = run_nginx(nginx_port, sink_port)
+    nginx_port, sink_port, deny_port = free_port(), free_port(), free_port()
+    nginx = run_nginx(nginx_port, sink_port, deny_port)
     try:
         wait_port(nginx_port)
         pids = [nginx.pid] + children(nginx.pid)
@@ -190,19 +205,8 @@ def main():
             lambda port: ["webhook", "-hooks", str(HERE / "hooks.json"), "-ip", "127.0.0.1", "-port", str(port)],
             "/hooks/restart-host")
 
-        port, admin = free_port(), free_port()
-        spool = WORK / "spool"
-        conf = WORK / "actiongate.yaml"
-        conf.write_text((HERE / "actiongate.yaml").read_text()
-                        .replace("@LISTEN@", f"127.0.0.1:{port}").replace("@ADMIN@", f"127.0.0.1:{admin}")
-                        .replace("@SPOOL@", str(spool)).replace("@SINK@", f"http://127.0.0.1:{sink_port}/sink")
-                        .replace("@THREADS@", str(SERVER_THREADS)))
-        log = open(WORK / "actiongate.log", "w")
-        proc = subprocess.Popen([str(actiongate), "-c", str(conf)], stdout=log, stderr=log,
-                                env=dict(os.environ, RUST_LOG="warn"))
+        proc, port, admin, _ = start_actiongate("actiongate", sink_port)
         try:
-            wait_port(admin)
-            wait_port(port)
             r = load(f"http://127.0.0.1:{port}/actions/restart-host")
             accepted_series = 'actiongate_requests_total{action="restart-host",outcome="accepted"}'
             delivered_series = 'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}'
@@ -221,11 +225,12 @@ def main():
             results["actiongate"] = r
         finally:
             stop(proc)
+        edge = edge_phase(sink_port, deny_port, nginx) if EDGE else None
     finally:
         stop(nginx)
 
-    backlog = backlog_phase(actiongate) if BACKLOG else None
-    report(results, backlog)
+    backlog = backlog_phase() if BACKLOG else None
+    report(results, backlog, edge)
 
 
 def measure_peer(command, path):
@@ -241,25 +246,122 @@ def measure_peer(command, path):
         stop(proc)
 
 
-def backlog_phase(actiongate):
-    port, admin, sink_port = free_port(), free_port(), free_port()
-    conf = WORK / "backlog.yaml"
-    conf.write_text((HERE / "actiongate.yaml").read_text()
-                    .replace("@LISTEN@", f"127.0.0.1:{port}").replace("@ADMIN@", f"127.0.0.1:{admin}")
-                    .replace("@SPOOL@", str(WORK / "backlog-spool"))
-                    .replace("@SINK@", f"http://127.0.0.1:{sink_port}/sink")
-                    .replace("@THREADS@", str(SERVER_THREADS))
-                    .replace("        when: {", "        retry: {attempts: 1}\n        when: {"))
-    log = open(WORK / "backlog.log", "w")
-    proc = subprocess.Popen([str(actiongate), "-c", str(conf)], stdout=log, stderr=log,
-                            env=dict(os.environ, RUST_LOG="warn"))
+def start_actiongate(name, sink_port, edit=lambda conf: conf, log_level="warn", nofile=None):
+    """Starts actiongate on the benchmark config (changed by `edit`) with its own spool, log
+    file and ports, and waits until it listens. Returns (process, port, admin port, log path)."""
+    port, admin = free_port(), free_port()
+    conf = WORK / f"{name}.yaml"
+    conf.write_text(edit((HERE / "actiongate.yaml").read_text()
+                         .replace("@LISTEN@", f"127.0.0.1:{port}").replace("@ADMIN@", f"127.0.0.1:{admin}")
+                         .replace("@SPOOL@", str(WORK / f"{name}-spool"))
+                         .replace("@SINK@", f"http://127.0.0.1:{sink_port}/sink")
+                         .replace("@THREADS@", str(SERVER_THREADS))))
+    log_path = WORK / f"{name}.log"
+    env = dict(os.environ, RUST_LOG=log_level) if log_level else \
+        {k: v for k, v in os.environ.items() if k != "RUST_LOG"}
+    command = [str(ROOT / "target" / "release" / "actiongate"), "-c", str(conf)]
+    if nofile:  # soft and hard, so that the gateway cannot raise it
+        command = ["prlimit", f"--nofile={nofile}", "--"] + command
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+    wait_port(admin)
+    wait_port(port)
+    return proc, port, admin, log_path
+
+
+def cpu_seconds(pids):
+    """User + system CPU time used so far by the processes."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def edge_phase(sink_port, deny_port, nginx):
+    """Attacks from loopback aliases (127.0.0.1 and .2 allowed, .3 allowed by no action):
+    slowloris during the paced load, a connection flood side by side with nginx `deny`, and
+    the log bytes that refusals cost."""
+    out = {}
+    both = lambda conf: conf.replace('bench: ["127.0.0.1/32"]', 'bench: ["127.0.0.1/32", "127.0.0.2/32"]')
+    # Slowloris, against a gateway whose open-files limit a few thousand sockets can reach.
+    proc, port, admin, log_path = start_actiongate("edge", sink_port, both, log_level=None, nofile=8192)
+    url = f"http://127.0.0.1:{port}/actions/restart-host"
+    try:
+        out["paced_before"] = without_raw(paced(url))
+        rss_before = rss_kib(proc.pid)
+        span = PACED_DURATION + 8
+        attackers = [subprocess.Popen([sys.executable, str(HERE / "slowloris.py"), src, "127.0.0.1", str(port),
+                                       str(n), str(span), os.environ.get("SLOW_RATE", "1000")],
+                                      stdout=subprocess.PIPE, text=True)
+                     for src, n in (("127.0.0.3", SLOW_REFUSED), ("127.0.0.2", SLOW_ALLOWED))]
+        time.sleep(3)  # a measured pause, not a synchronisation: let the attackers ramp up
+        rss_peak = [rss_kib(proc.pid)]
+        sampling = True
+
+        def sample():
+            while sampling:
+                rss_peak[0] = max(rss_peak[0], rss_kib(proc.pid))
+                time.sleep(0.2)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        out["paced_attacked"] = without_raw(paced(url))
+        sampling = False
+        sampler.join()
+        out["attackers"] = [json.loads(a.communicate(timeout=span + 60)[0]) for a in attackers]
+        out["rss_before_mib"] = round(rss_before / 1024, 1)
+        out["rss_attacked_mib"] = round(rss_peak[0] / 1024, 1)
+        m = metrics(admin)
+        out["refused"] = {k.split('"')[1]: int(v) for k, v in m.items()
+                          if k.startswith("actiongate_connections_refused_total{")}
+        # Log bytes per 1,000 refused requests: wrong secret from an allowed address (401).
+        size = log_path.stat().st_size
+        r = wrk(url, duration=5, SECRET="wrong")
+        out["log_401"] = {"requests": r["non_2xx"],
+                          "bytes_per_1000": round((log_path.stat().st_size - size) * 1000 / max(1, r["non_2xx"]))}
+    finally:
+        stop(proc)
+
+    # Connection flood from an address no action allows: closed at accept.
+    only_2 = lambda conf: conf.replace('bench: ["127.0.0.1/32"]', 'bench: ["127.0.0.2/32"]')
+    proc, port, admin, log_path = start_actiongate("flood", sink_port, only_2, log_level=None)
+    try:
+        size, cpu = log_path.stat().st_size, cpu_seconds([proc.pid])
+        started = time.monotonic()
+        wrk(f"http://127.0.0.1:{port}/actions/restart-host", duration=DURATION, CLOSE="1")
+        elapsed = time.monotonic() - started
+        refused = int(metrics(admin).get('actiongate_connections_refused_total{reason="source"}', 0))
+        out["flood_actiongate"] = {"refused": refused, "per_s": round(refused / elapsed),
+                                   "cpu_us_each": round((cpu_seconds([proc.pid]) - cpu) * 1e6 / max(1, refused), 1),
+                                   "log_bytes_per_1000": round((log_path.stat().st_size - size) * 1000 / max(1, refused), 1)}
+    finally:
+        stop(proc)
+    workers = children(nginx.pid)
+    for name, extra in (("flood_nginx_close", {"CLOSE": "1"}), ("flood_nginx_keepalive", {})):
+        cpu, started = cpu_seconds(workers), time.monotonic()
+        r = wrk(f"http://127.0.0.1:{deny_port}/actions/restart-host", duration=DURATION, **extra)
+        elapsed = time.monotonic() - started
+        out[name] = {"refused": r["non_2xx"], "per_s": round(r["non_2xx"] / elapsed),
+                     "cpu_us_each": round((cpu_seconds(workers) - cpu) * 1e6 / max(1, r["non_2xx"]), 1)}
+    return out
+
+
+def backlog_phase():
+    sink_port = free_port()
+    proc, port, admin, _ = start_actiongate(
+        "backlog", sink_port, lambda conf: conf.replace("        when: {", "        retry: {attempts: 1}\n        when: {"))
     dead = 'actiongate_dead_letters{upstream="sink"}'
     delivered = 'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}'
     accepted = 'actiongate_requests_total{action="restart-host",outcome="accepted"}'
     nginx = None
     try:
-        wait_port(admin)
-        wait_port(port)
         for _ in range(3):  # bounded: at most 3 x 120 s of load
             remaining = BACKLOG - int(metrics(admin)[accepted])
             if remaining <= 0:
@@ -294,7 +396,7 @@ def backlog_phase(actiongate):
             stop(nginx)
 
 
-def report(results, backlog):
+def report(results, backlog, edge):
     ag = results["actiongate"]
     lines = [
         f"{CONNECTIONS} connections, wrk -t{WRK_THREADS}, {DURATION} s per peer, payloads 2.3 KB and 4.4 KB "
@@ -333,6 +435,8 @@ def report(results, backlog):
             f"after the upstream returned, {backlog['delivered']:,} delivered in {backlog['drain_s']} s "
             f"({backlog['rate']:,}/s), peak RSS {backlog['rss_peak_mib']} MiB.",
         ]
+    if edge:
+        lines += edge_report(edge)
     text = "\n".join(lines)
     print(text)
     out = HERE / "results"
@@ -340,10 +444,44 @@ def report(results, backlog):
     (out / "latest.md").write_text(text + "\n")
     data = {name: without_raw(r) for name, r in results.items()}
     data["backlog"] = backlog
+    data["edge"] = edge
     (out / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     for name, r in results.items():
         if r["socket_errors"]:
             print(f"{name}: {r['socket_errors']}", file=sys.stderr)
+
+
+def edge_report(e):
+    before, attacked = e["paced_before"], e["paced_attacked"]
+    refused, allowed = e["attackers"]
+    fa, fc, fk = e["flood_actiongate"], e["flood_nginx_close"], e["flood_nginx_keepalive"]
+    return [
+        "",
+        f"Edge (gateway under `prlimit --nofile=8192`): slowloris from 127.0.0.3 (allowed by no action; "
+        f"{refused['opened']:,} connections opened, at most {refused['held_max']:,} held, "
+        f"{refused['closed_by_server']:,} closed by the gateway) and from allowed 127.0.0.2 "
+        f"({allowed['opened']:,} opened, {allowed['closed_by_server']:,} closed by the gateway) during the paced load:",
+        "",
+        "| paced load | req/s | p50 ms | p99 ms | max ms | non-2xx | socket errors | gateway RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+        f"| without attack | {before['rps']:,.0f} | {fmt(before['p50_ms'])} | {fmt(before['p99_ms'])} | "
+        f"{fmt(before['max_ms'])} | {before['non_2xx']} | {before['socket_errors'] or 'none'} | {e['rss_before_mib']} |",
+        f"| under slowloris | {attacked['rps']:,.0f} | {fmt(attacked['p50_ms'])} | {fmt(attacked['p99_ms'])} | "
+        f"{fmt(attacked['max_ms'])} | {attacked['non_2xx']} | {attacked['socket_errors'] or 'none'} | {e['rss_attacked_mib']} (peak) |",
+        "",
+        f"Connections refused by reason: {', '.join(f'{k} {v:,}' for k, v in sorted(e['refused'].items()))}.",
+        "",
+        f"Connection flood from an address no action allows ({DURATION} s, wrk, a new connection per request):",
+        "",
+        "| peer | refusals/s | CPU µs per refusal | log bytes per 1,000 |",
+        "|---|---:|---:|---:|",
+        f"| actiongate, closed at accept | {fa['per_s']:,} | {fa['cpu_us_each']} | {fa['log_bytes_per_1000']} |",
+        f"| nginx `deny`, 403, new connection each | {fc['per_s']:,} | {fc['cpu_us_each']} | (access_log off) |",
+        f"| nginx `deny`, 403, keep-alive | {fk['per_s']:,} | {fk['cpu_us_each']} | (access_log off) |",
+        "",
+        f"Wrong secret from an allowed address (401): {e['log_401']['requests']:,} refused, "
+        f"{e['log_401']['bytes_per_1000']:,} log bytes per 1,000.",
+    ]
 
 
 def without_raw(result):

@@ -14,7 +14,10 @@ function setup(thread)
 end
 
 local n = 0
-local headers = { ["Content-Type"] = "application/json", ["X-Actiongate-Secret"] = "bench-secret" }
+local headers = { ["Content-Type"] = "application/json", ["X-Actiongate-Secret"] = os.getenv("SECRET") or "bench-secret" }
+
+-- CLOSE=1: a new connection for every request (what a flood of refused requests costs).
+if os.getenv("CLOSE") == "1" then headers["Connection"] = "close" end
 
 request = function()
   n = n + 1
