@@ -27,6 +27,12 @@ impl LogFormat {
 
 /// Installs the process logger. `RUST_LOG`, when set, overrides `level` (it also accepts
 /// per-module directives such as `actiongate=debug,pingora_core=warn`).
+/// A duration in milliseconds rounded to the microsecond, the one unit every log line uses:
+/// `8.544`, not `8.543560000000001` (f64 noise) or a `Debug` mix of `ms` and `µs`.
+pub fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
 pub fn init(format: LogFormat, level: &str) {
     let filters = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let mut builder = env_logger::Builder::new();

@@ -1,5 +1,7 @@
 //! The `actiongate` command: run the gateway, check a config, or render what an upstream gets.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,6 +20,10 @@ use actiongate::server::{Gateway, Mode};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// What `--unset-env-ok` puts in place of an unset variable: valid as a secret, a token, a
+/// header value or a host name, so that only the variable's own use goes unchecked.
+const UNSET_STAND_IN: &str = "unset-env-stand-in";
+
 /// Edge gateway for Flashduty custom actions.
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
@@ -28,6 +34,11 @@ struct Cli {
     /// Check the configuration and exit: 0 when valid, 1 with one line per problem.
     #[arg(short = 't', long = "test")]
     test: bool,
+    /// With -t: a `${NAME}` that is not set is not a problem (for checking configs in CI,
+    /// where the secrets are not); what depends on it is checked with a stand-in value, and the
+    /// answer names the variables not checked.
+    #[arg(long = "unset-env-ok", requires = "test")]
+    unset_env_ok: bool,
     /// Run in the background (Pingora's daemon mode).
     #[arg(short = 'd', long = "daemon")]
     daemon: bool,
@@ -75,7 +86,16 @@ fn main() -> ExitCode {
         eprintln!("actiongate: -c FILE is required (see --help)");
         return ExitCode::from(2);
     };
-    let config = match Config::load(path) {
+    let unset = RefCell::new(BTreeSet::new());
+    let env = |name: &str| {
+        std::env::var(name).ok().or_else(|| {
+            cli.unset_env_ok.then(|| {
+                unset.borrow_mut().insert(name.to_string());
+                UNSET_STAND_IN.to_string()
+            })
+        })
+    };
+    let config = match Config::load_with(path, &env) {
         Ok(config) => config,
         Err(problems) => {
             eprintln!("{problems}");
@@ -83,13 +103,45 @@ fn main() -> ExitCode {
         }
     };
     if cli.test {
-        println!("{}: ok", path.display());
+        for warning in &config.warnings {
+            eprintln!("warning: {warning}");
+        }
+        let unset = unset.into_inner();
+        if unset.is_empty() {
+            println!("{}: ok", path.display());
+        } else {
+            let names: Vec<String> = unset.into_iter().map(|n| format!("${{{n}}}")).collect();
+            println!(
+                "{}: ok, except what depends on {} (not set, not checked)",
+                path.display(),
+                names.join(", ")
+            );
+        }
         return ExitCode::SUCCESS;
     }
     if cli.repair_spool {
         return repair_spool(&config.spool_path);
     }
     actiongate::logging::init(config.log.format, &config.log.level);
+    for warning in &config.warnings {
+        log::warn!("config: {warning}");
+    }
+    let listening: Vec<String> = config
+        .listen
+        .iter()
+        .map(|l| {
+            let scheme = if l.tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", l.addr)
+        })
+        .collect();
+    let started = format!(
+        "actiongate {} starting: config {}, listening on {}, admin on http://{}, spool {}",
+        env!("CARGO_PKG_VERSION"),
+        path.display(),
+        listening.join(" "),
+        config.admin,
+        config.spool_path.display()
+    );
     let mode = Mode {
         daemon: cli.daemon,
         upgrade: cli.upgrade,
@@ -97,7 +149,7 @@ fn main() -> ExitCode {
     match Gateway::build(config, mode) {
         Ok(mut gateway) => {
             gateway.config_path = Some(path.clone());
-            log::info!("actiongate {} starting", env!("CARGO_PKG_VERSION"));
+            log::info!("{started}");
             gateway.run();
             ExitCode::SUCCESS
         }
@@ -173,11 +225,19 @@ fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Pa
             return ExitCode::from(1);
         }
     };
-    if let Some(when) = &upstream.when {
-        if !when.matches(&value) {
-            println!("# when: does not match; {upstream_name} would skip this event");
-            return ExitCode::SUCCESS;
-        }
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if let Some(why) = upstream.when.as_ref().and_then(|w| w.explain(&value)) {
+        println!("# when: does not match: {why}; {upstream_name} would skip this event");
+        return ExitCode::SUCCESS;
+    }
+    if !upstream.value_mapping.is_empty() {
+        // On stderr: stdout is exactly what the upstream receives.
+        eprintln!(
+            "note: value_mapping applies to values substituted into the URL, header and body \
+             templates; a body passed through as received, and when rules, see the original values"
+        );
     }
     let headers = request::headers(upstream, &action.name, &event_id, 1, Some(&value));
     let body = request::body(upstream, &raw, Some(&value));

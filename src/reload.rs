@@ -40,12 +40,20 @@ impl Reloader {
             Ok(config) => config,
             Err(problems) => {
                 for problem in &problems.0 {
-                    log::error!("reload refused: {path}: {problem}");
+                    // Problems of the file as a whole name it already; key paths do not.
+                    if problem.starts_with(&*path.to_string()) {
+                        log::error!("reload refused: {problem}");
+                    } else {
+                        log::error!("reload refused: {path}: {problem}");
+                    }
                 }
                 log::error!("reload refused: still running on the previous configuration");
                 return false;
             }
         };
+        for warning in &config.warnings {
+            log::warn!("reload: {path}: {warning}");
+        }
         let running = self.gate.config();
         let certs: Vec<_> = self
             .certs

@@ -174,7 +174,7 @@ struct ExitWatcher {
 
 #[async_trait]
 impl BackgroundService for ExitWatcher {
-    async fn start(&self, _shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
         let phases = self.phases.lock().ok().and_then(|mut p| p.take());
         let Some(phases) = phases else { return };
         let gate = self.gate.clone();
@@ -187,6 +187,9 @@ impl BackgroundService for ExitWatcher {
                 "cannot start the exit watcher ({e}); shutdown waits the whole grace period"
             );
         }
+        // Returning now would make Pingora log "service … exited." at every start, which
+        // reads like a failure: the service ends with the server instead.
+        let _ = shutdown.changed().await;
     }
 }
 

@@ -61,7 +61,186 @@ fn every_shipped_config_passes_the_check() {
             text(&out.stderr)
         );
         assert!(text(&out.stdout).ends_with(": ok\n"));
+        // Shipped examples read only paths Flashduty sends: no warnings either.
+        assert_eq!(text(&out.stderr), "", "{}", path.display());
     }
+}
+
+#[test]
+fn the_check_reports_every_problem_and_what_each_key_expects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        r#"
+listen: [{addr: "127.0.0.1:8443"}]
+server: {threads: two}
+sources: {office: ["10.0.0.0/33"]}
+actions:
+  - name: restart
+    path: /restart
+    allow: [office]
+    tiemout: 5s
+    upstreams:
+      - name: a
+        url: "http://10.0.0.5:8000/"
+        timeout: 30
+        method: FOO
+        when:
+          incident.title: {matches: "(unclosed"}
+          incident.incident_severity: {equals: Critical}
+"#,
+    )
+    .unwrap();
+    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    assert_eq!(out.status.code(), Some(1));
+    // Wrong types first (each key once, saying what it takes), then the meaning of the rest:
+    // a wrong type no longer hides the bad CIDR further down.
+    assert_eq!(
+        text(&out.stderr),
+        "server.threads: invalid type: string \"two\", expected a whole number\n\
+         actions[0].tiemout: unknown field `tiemout`, expected one of `name`, `path`, `allow`, \
+         `secret`, `upstreams`\n\
+         actions[0].upstreams[0].timeout: invalid type: integer `30`, expected a duration such \
+         as 5s, 500ms or 1m30s\n\
+         sources.office[0]: \"10.0.0.0/33\" is not a CIDR or IP address (try 10.20.0.0/16)\n\
+         actions[0].upstreams[0].method: \"FOO\" is not one of POST, PUT, PATCH, GET, DELETE\n\
+         actions[0].upstreams[0].when: incident.title: bad regex \"(unclosed\": unclosed group\n\
+         actions[0].upstreams[0].when: incident.incident_severity: unknown condition \"equals\" \
+         (use a value, a list of values, or one of exists, not, matches)\n"
+    );
+
+    // A YAML syntax error names the file, not a placeholder.
+    std::fs::write(&path, "actions: [a\n").unwrap();
+    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("{}: not valid YAML: ", path.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn paths_flashduty_never_sends_are_warned_about_with_the_closest_documented_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(
+        &path,
+        r#"
+listen: [{addr: "127.0.0.1:8443"}]
+sources: {office: ["10.0.0.0/8"]}
+actions:
+  - name: restart
+    path: /restart
+    allow: [office]
+    upstreams:
+      - name: a
+        url: "http://10.0.0.5:8000/?host={{incident.labels.resource}}"
+        headers: {X-Who: "{{persn.email}}"}
+        when: {incident.incident_severty: Critical}
+        body: '{"service": "{{incident.lables.service}}", "deploy": "{{incident.fields.deploy_id}}"}'
+        value_mapping: {incident.incident_severity: {Critical: P0}}
+"#,
+    )
+    .unwrap();
+    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    // Valid (custom fields and new Flashduty fields are real paths), but said.
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{}: ok\n", path.display()));
+    assert_eq!(
+        text(&out.stderr),
+        "warning: actions[0].upstreams[0].headers.x-who: persn.email is not in Flashduty's \
+         custom-action payload; did you mean person.email?\n\
+         warning: actions[0].upstreams[0].when: incident.incident_severty is not in Flashduty's \
+         custom-action payload; did you mean incident.incident_severity?\n\
+         warning: actions[0].upstreams[0].body: incident.lables.service is not in Flashduty's \
+         custom-action payload; did you mean incident.labels.service?\n"
+    );
+    // render says the same, and names the reach of value_mapping.
+    let payload = root().join("tests/fixtures/custom_action_full.json");
+    let out = render(path.to_str().unwrap(), "restart", "a", &payload);
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("did you mean incident.labels.service?"));
+    assert!(
+        text(&out.stdout)
+            .starts_with("# when: does not match: incident.incident_severty is absent"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn the_check_can_run_without_the_secrets_and_says_what_it_did_not_check() {
+    let config = "conf/examples/rollback.yaml";
+    let out = Command::new(env!("CARGO_BIN_EXE_actiongate"))
+        .args(["-c", config, "-t", "--unset-env-ok"])
+        .current_dir(root())
+        .env_remove("ROLLBACK_SECRET")
+        .env_remove("DEPLOY_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "{config}: ok, except what depends on ${{DEPLOY_TOKEN}}, ${{ROLLBACK_SECRET}} \
+             (not set, not checked)\n"
+        )
+    );
+    // Without the flag, a missing secret is still a problem.
+    let out = Command::new(env!("CARGO_BIN_EXE_actiongate"))
+        .args(["-c", config, "-t"])
+        .current_dir(root())
+        .env_remove("ROLLBACK_SECRET")
+        .env("DEPLOY_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "actions[0].secret.value: environment variable ROLLBACK_SECRET is not set\n"
+    );
+}
+
+#[test]
+fn every_upstream_of_every_shipped_config_renders_for_some_shipped_fixture() {
+    let fixtures: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    let env = |name: &str| {
+        ENV.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    };
+    let mut rendered = 0;
+    for path in shipped_configs() {
+        let config = actiongate::config::Config::load_with(&path, &env).unwrap();
+        for action in &config.actions {
+            for upstream in &action.upstreams {
+                let full = fixtures.iter().find(|fixture| {
+                    let out = render(
+                        path.to_str().unwrap(),
+                        &action.name,
+                        &upstream.name,
+                        fixture,
+                    );
+                    out.status.success() && !text(&out.stdout).starts_with("# when: does not match")
+                });
+                assert!(
+                    full.is_some(),
+                    "{}: {}/{}: no fixture in tests/fixtures passes its when rule",
+                    path.display(),
+                    action.name,
+                    upstream.name
+                );
+                rendered += 1;
+            }
+        }
+    }
+    assert!(rendered >= 5, "{rendered}");
 }
 
 #[test]
@@ -151,6 +330,11 @@ fn render_prints_exactly_what_the_upstream_receives() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
+        text(&out.stderr),
+        "note: value_mapping applies to values substituted into the URL, header and body \
+         templates; a body passed through as received, and when rules, see the original values\n"
+    );
+    assert_eq!(
         text(&out.stdout),
         "POST https://status.internal/api/v1/incidents\n\
          authorization: OAuth page-token\n\
@@ -190,7 +374,8 @@ fn render_says_when_an_upstream_would_skip_the_event() {
     assert!(out.status.success());
     assert_eq!(
         text(&out.stdout),
-        "# when: does not match; restarter would skip this event\n"
+        "# when: does not match: incident.labels.resource is absent, and the rule wants it \
+         present; restarter would skip this event\n"
     );
 }
 

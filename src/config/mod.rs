@@ -18,7 +18,9 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
+use crate::delivery::path::FieldPath;
 use crate::delivery::retry::RetryPolicy;
+use crate::delivery::schema;
 use crate::delivery::template::{Template, TextTemplate, ValueMapping};
 use crate::delivery::when::When;
 use crate::ingress::allowlist::IpSet;
@@ -60,6 +62,9 @@ pub struct Config {
     /// What to do with an unknown value of a documented enum (schema drift).
     pub schema_drift: DriftPolicy,
     pub log: LogSettings,
+    /// What is valid but probably not meant: template and `when` paths that Flashduty's
+    /// payload does not have. Printed by `-t` and `render`, logged at start and reload.
+    pub warnings: Vec<String>,
 }
 
 /// Log output (`log.format`, `log.level`).
@@ -136,6 +141,9 @@ pub struct Action {
     pub name: String,
     pub path: String,
     pub allow: IpSet,
+    /// Whether `allow` names the `flashduty` source: only then does a right secret from an
+    /// unknown address suggest that Flashduty's push addresses changed.
+    pub allows_flashduty: bool,
     pub secret: Option<Secret>,
     pub upstreams: Vec<Upstream>,
 }
@@ -211,9 +219,17 @@ impl std::error::Error for ConfigErrors {}
 impl Config {
     /// Reads, expands and validates the file at `path` using the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with(path, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with `env` resolving `${NAME}`.
+    pub fn load_with(
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
-        Self::from_yaml(&text, &|name| std::env::var(name).ok())
+        Self::parse(&text, &path.display().to_string(), env)
     }
 
     /// Parses and validates YAML text; `env` resolves `${NAME}`.
@@ -221,23 +237,33 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
+        Self::parse(text, "(config)", env)
+    }
+
+    /// The checks, in order: YAML syntax (named after `file`), `${ENV}` expansion, types
+    /// (every wrong key reported, not just the first), then meaning.
+    fn parse(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let mut doc: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| ConfigErrors(vec![format!("(file): not valid YAML: {e}")]))?;
+            .map_err(|e| ConfigErrors(vec![format!("{file}: not valid YAML: {e}")]))?;
         let problems = env::expand(&mut doc, env);
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));
         }
-        let raw: RawConfig = serde_path_to_error::deserialize(doc).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." {
-                "(top level)".into()
-            } else {
-                path
-            };
-            ConfigErrors(vec![format!("{path}: {}", e.into_inner())])
-        })?;
         let mut check = Check::default();
+        let (raw, removed) = deserialize_all(doc, &mut check.problems);
+        let Some(raw) = raw else {
+            return Err(ConfigErrors(check.problems));
+        };
+        let typed = check.problems.len();
         let config = validate(raw, &mut check);
+        // What a removed key would have said again (a default in its place) is not news.
+        let mut problems = check.problems.split_off(typed);
+        problems.retain(|p| !removed.iter().any(|r| p.starts_with(r.as_str())));
+        check.problems.extend(problems);
         match config {
             Some(config) if check.problems.is_empty() => Ok(config),
             _ => Err(ConfigErrors(check.problems)),
@@ -254,6 +280,7 @@ impl Config {
 #[derive(Default)]
 struct Check {
     problems: Vec<String>,
+    warnings: Vec<String>,
 }
 
 impl Check {
@@ -266,11 +293,91 @@ impl Check {
         result.map_err(|why| self.fail(path, why)).ok()
     }
 
+    /// Warns about each of `paths` (read by the thing at `at`) that Flashduty never sends.
+    fn payload_paths<'p>(&mut self, at: &str, paths: impl IntoIterator<Item = &'p FieldPath>) {
+        for path in paths {
+            if let Some(why) = schema::check(path) {
+                self.warnings.push(format!("{at}: {why}"));
+            }
+        }
+    }
+
     fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
         match text {
             None => default,
             Some(text) => self.ok(path, parse_duration(text)).unwrap_or(default),
         }
+    }
+}
+
+/// The most type problems reported in one go; past it, the first ones are enough to go on.
+const MAX_TYPE_PROBLEMS: usize = 50;
+
+/// Deserializes `doc`, reporting every key of the wrong type or unknown name rather than the
+/// first: each such key is removed and the rest tried again. Returns the config (`None` when a
+/// problem cannot be stepped over: a list element or a missing required key) and the paths
+/// removed.
+fn deserialize_all(
+    mut doc: serde_yaml::Value,
+    problems: &mut Vec<String>,
+) -> (Option<RawConfig>, Vec<String>) {
+    let mut removed = Vec::new();
+    for _ in 0..MAX_TYPE_PROBLEMS {
+        let e = match serde_path_to_error::deserialize::<_, RawConfig>(doc.clone()) {
+            Ok(raw) => return (Some(raw), removed),
+            Err(e) => e,
+        };
+        let path: Vec<serde_path_to_error::Segment> = e.path().iter().cloned().collect();
+        let at = e.path().to_string();
+        let at = if at == "." { "(top level)".into() } else { at };
+        let why = e.into_inner().to_string();
+        // serde names Rust types; a YAML author wants to know what to write.
+        let why = ["usize", "u64", "u32", "u16"].iter().fold(why, |why, t| {
+            why.replace(&format!("expected {t}"), "expected a whole number")
+        });
+        // A required key removed below comes back as "missing field" at its parent: said.
+        let repeat = why.starts_with("missing field")
+            && removed
+                .iter()
+                .any(|r: &String| r.starts_with(&format!("{at}.")));
+        if !repeat {
+            problems.push(format!("{at}: {why}"));
+        }
+        if repeat || !remove_key(&mut doc, &path) {
+            return (None, removed);
+        }
+        removed.push(at);
+    }
+    (None, removed)
+}
+
+/// Removes the mapping key at `path`; false when `path` does not end in a key of a mapping.
+fn remove_key(doc: &mut serde_yaml::Value, path: &[serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((Segment::Map { key }, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = doc;
+    for segment in parents {
+        at = match (segment, at) {
+            (Segment::Map { key }, serde_yaml::Value::Mapping(map)) => {
+                match map.get_mut(key.as_str()) {
+                    Some(next) => next,
+                    None => return false,
+                }
+            }
+            (Segment::Seq { index }, serde_yaml::Value::Sequence(items)) => {
+                match items.get_mut(*index) {
+                    Some(next) => next,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match at {
+        serde_yaml::Value::Mapping(map) => map.remove(key.as_str()).is_some(),
+        _ => false,
     }
 }
 
@@ -536,6 +643,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         actions,
         schema_drift,
         log,
+        warnings: std::mem::take(&mut check.warnings),
     })
 }
 
@@ -630,10 +738,17 @@ fn validate_action(
             upstreams.push(upstream);
         }
     }
+    let allows_flashduty = a
+        .allow
+        .as_ref()
+        .unwrap_or(&default_allow)
+        .iter()
+        .any(|entry| entry == "flashduty");
     Some(Action {
         name: a.name.clone(),
         path: a.path.clone(),
         allow: IpSet::new(allow),
+        allows_flashduty,
         secret,
         upstreams,
     })
@@ -652,11 +767,7 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
     };
     let method = match u.method.as_deref() {
         None => Some(Method::POST),
-        Some(m) => check.ok(
-            format!("{at}.method"),
-            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| format!("{m:?} is not an HTTP method")),
-        ),
+        Some(m) => check.ok(format!("{at}.method"), parse_method(m)),
     };
     let mut headers = Vec::new();
     for (name, value) in &u.headers {
@@ -720,16 +831,40 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
     if concurrency == 0 {
         check.fail(format!("{at}.concurrency"), "must be at least 1");
     }
-    let when = u.when.as_ref().and_then(|w| {
-        check
-            .ok(format!("{at}.when"), When::compile(w))
-            .or_else(|| None)
+    let when = u.when.as_ref().and_then(|w| match When::compile(w) {
+        Ok(when) => Some(when),
+        Err(problems) => {
+            for why in problems {
+                check.fail(format!("{at}.when"), why);
+            }
+            None
+        }
     });
     let body = u
         .body
         .as_ref()
         .and_then(|text| check.ok(format!("{at}.body"), Template::parse_json(text)));
     let value_mapping = ValueMapping::new(u.value_mapping.clone().unwrap_or_default());
+    if let Some(query) = &query {
+        check.payload_paths(&format!("{at}.url"), query.paths());
+    }
+    for (name, source) in &headers {
+        if let HeaderSource::Template(template) = source {
+            check.payload_paths(&format!("{at}.headers.{name}"), template.paths());
+        }
+    }
+    if let Some(when) = &when {
+        check.payload_paths(&format!("{at}.when"), when.paths());
+    }
+    if let Some(body) = &body {
+        check.payload_paths(&format!("{at}.body"), body.paths());
+    }
+    for key in u.value_mapping.iter().flat_map(|m| m.keys()) {
+        match FieldPath::parse(key) {
+            Ok(path) => check.payload_paths(&format!("{at}.value_mapping"), [&path]),
+            Err(why) => check.fail(format!("{at}.value_mapping"), why),
+        }
+    }
     let ca_file = u
         .ca_file
         .as_ref()
@@ -761,6 +896,22 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
         tls_verify: u.tls_verify.unwrap_or(true),
         ca_file,
     })
+}
+
+/// An upstream's method: one an HTTP service can be expected to route. `Method::from_bytes`
+/// alone takes any token (`FOO`), which no upstream answers.
+fn parse_method(text: &str) -> Result<Method, String> {
+    const METHODS: [Method; 5] = [
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::GET,
+        Method::DELETE,
+    ];
+    METHODS
+        .into_iter()
+        .find(|m| m.as_str().eq_ignore_ascii_case(text.trim()))
+        .ok_or_else(|| format!("{text:?} is not one of POST, PUT, PATCH, GET, DELETE"))
 }
 
 fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {

@@ -24,7 +24,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub limits: RawLimits,
     /// How long an event_id is remembered [24h].
-    pub dedup_window: Option<String>,
+    pub dedup_window: Option<DurationText>,
     /// Named allowlists; `flashduty` is built in.
     #[serde(default)]
     pub sources: BTreeMap<String, Vec<String>>,
@@ -58,7 +58,7 @@ pub struct RawServer {
     /// Worker threads [number of CPUs].
     pub threads: Option<usize>,
     /// Time given to in-flight work on shutdown [5s].
-    pub grace_period: Option<String>,
+    pub grace_period: Option<DurationText>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,11 +101,11 @@ pub struct RawLimits {
     /// Largest body, bytes or `64KiB`/`1MiB` [1MiB].
     pub max_body: Option<serde_yaml::Value>,
     /// Deadline for the whole body [5s].
-    pub read_timeout: Option<String>,
+    pub read_timeout: Option<DurationText>,
     /// The whole request head must arrive within it, else the connection is closed [5s].
-    pub header_timeout: Option<String>,
+    pub header_timeout: Option<DurationText>,
     /// A keep-alive connection idle this long is closed [60s].
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<DurationText>,
     /// Open connections on all listeners together [80% of the open-files limit].
     pub max_connections: Option<u64>,
     /// Open connections from one socket peer address; trusted proxies are exempt [256].
@@ -155,7 +155,7 @@ pub struct RawUpstream {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Per-attempt timeout [10s].
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationText>,
     /// Retry policy [8 attempts, 1s, 5m].
     pub retry: Option<RawRetry>,
     /// In-flight attempts [32].
@@ -176,6 +176,38 @@ pub struct RawUpstream {
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub attempts: Option<u32>,
-    pub backoff: Option<String>,
-    pub max_backoff: Option<String>,
+    pub backoff: Option<DurationText>,
+    pub max_backoff: Option<DurationText>,
+}
+
+/// A duration as written (`5s`, `1m30s`), parsed during validation. Its own type so that a
+/// wrong YAML type says what was expected (`timeout: 30` → "expected a duration such as 5s")
+/// instead of "expected a string".
+#[derive(Debug, Clone)]
+pub struct DurationText(String);
+
+impl std::ops::Deref for DurationText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = DurationText;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as 5s, 500ms or 1m30s")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
+                Ok(DurationText(v.to_string()))
+            }
+        }
+        d.deserialize_str(Text)
+    }
 }

@@ -516,7 +516,7 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
             Decision::Retry(_) => "retry",
             Decision::DeadLetter => "dead_letter",
         },
-        duration_ms = took.as_secs_f64() * 1000.0;
+        duration_ms = crate::logging::millis(took);
         "delivery attempt"
     );
     let (finish, label) = match decision {

@@ -10,6 +10,7 @@ pub mod path;
 pub mod projection;
 pub mod request;
 pub mod retry;
+pub mod schema;
 pub mod template;
 pub mod when;
 

@@ -70,6 +70,10 @@ impl ValueMapping {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.by_path.is_empty()
+    }
+
     fn replace<'a>(&'a self, path: &FieldPath, original: &str) -> Option<&'a str> {
         self.by_path
             .get(path.as_str())?

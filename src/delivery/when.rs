@@ -31,23 +31,51 @@ enum Condition {
 }
 
 impl When {
-    /// Compiles the YAML map of a `when` key; regexes are compiled here, once.
-    pub fn compile(map: &serde_yaml::Mapping) -> Result<When, String> {
+    /// Compiles the YAML map of a `when` key; regexes are compiled here, once. Every bad
+    /// entry is reported, each on a line of its own starting with its field path.
+    pub fn compile(map: &serde_yaml::Mapping) -> Result<When, Vec<String>> {
         let mut rules = Vec::new();
+        let mut problems = Vec::new();
         for (key, value) in map {
             let Yaml::String(key) = key else {
-                return Err(format!("{key:?}: a field path must be a string"));
+                problems.push(format!("{}: a field path must be a string", yaml_text(key)));
+                continue;
             };
-            let path = FieldPath::parse(key)?;
-            let condition = Condition::compile(value).map_err(|why| format!("{key}: {why}"))?;
-            rules.push((path, condition));
+            let compiled = FieldPath::parse(key)
+                .and_then(|path| Ok((path, Condition::compile(value)?)))
+                .map_err(|why| format!("{key}: {why}"));
+            match compiled {
+                Ok(rule) => rules.push(rule),
+                Err(problem) => problems.push(problem),
+            }
         }
-        Ok(When { rules })
+        if problems.is_empty() {
+            Ok(When { rules })
+        } else {
+            Err(problems)
+        }
     }
 
     /// Every path the rules read.
     pub fn paths(&self) -> impl Iterator<Item = &FieldPath> {
         self.rules.iter().map(|(path, _)| path)
+    }
+
+    /// Why `payload` does not satisfy the rules: the first rule that fails, with the value it
+    /// saw. `None` when every rule holds.
+    pub fn explain(&self, payload: &Value) -> Option<String> {
+        let (path, condition) = self
+            .rules
+            .iter()
+            .find(|(path, condition)| !condition.holds(path.resolve(payload)))?;
+        let seen = match path.resolve(payload) {
+            None | Some(Value::Null) => "absent".to_string(),
+            Some(value) => value.to_string(),
+        };
+        Some(format!(
+            "{path} is {seen}, and the rule wants {}",
+            condition.describe()
+        ))
     }
 
     /// Whether `payload` satisfies every rule.
@@ -81,14 +109,31 @@ impl Condition {
                         let pattern = arg.as_str().ok_or("matches takes a regex string")?;
                         Regex::new(pattern)
                             .map(Condition::Matches)
-                            .map_err(|e| format!("bad regex: {e}"))
+                            .map_err(|e| format!("bad regex {pattern:?}: {}", regex_why(&e)))
                     }
                     _ => Err(format!(
-                        "unknown condition {op:?} (use exists, not or matches)"
+                        "unknown condition {:?} (use a value, a list of values, or one of \
+                         exists, not, matches)",
+                        yaml_text(op)
                     )),
                 }
             }
             scalar => Ok(Condition::OneOf(vec![scalar_text(scalar)?])),
+        }
+    }
+
+    /// What the condition wants, in words (`one of "Critical", "Warning"`).
+    fn describe(&self) -> String {
+        match self {
+            Condition::OneOf(options) if options.len() == 1 => format!("{:?}", options[0]),
+            Condition::OneOf(options) => {
+                let quoted: Vec<String> = options.iter().map(|o| format!("{o:?}")).collect();
+                format!("one of {}", quoted.join(", "))
+            }
+            Condition::Exists(true) => "it present".into(),
+            Condition::Exists(false) => "it absent".into(),
+            Condition::Not(inner) => format!("anything but {}", inner.describe()),
+            Condition::Matches(regex) => format!("a match of /{}/", regex.as_str()),
         }
     }
 
@@ -103,6 +148,26 @@ impl Condition {
             Condition::Matches(regex) => found.is_some_and(|v| with_text(v, |t| regex.is_match(t))),
         }
     }
+}
+
+/// A YAML key or value as its user wrote it, for messages (not Rust debug output).
+fn yaml_text(value: &Yaml) -> String {
+    match value {
+        Yaml::String(s) => s.clone(),
+        other => serde_yaml::to_string(other)
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_else(|_| "?".into()),
+    }
+}
+
+/// The one line of a regex error that says what is wrong (its Display draws the pattern
+/// with a caret over three lines).
+fn regex_why(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .find_map(|line| line.strip_prefix("error: "))
+        .unwrap_or(text.lines().last().unwrap_or("invalid"))
+        .to_string()
 }
 
 fn scalar_text(value: &Yaml) -> Result<String, String> {
@@ -174,12 +239,48 @@ mod tests {
     }
 
     #[test]
+    fn explain_names_the_first_failing_rule_and_the_value_seen() {
+        let rules = when(
+            "{incident.title: {exists: true}, incident.incident_severity: [Info, Ok], \
+              incident.labels.absent: {not: x}}",
+        );
+        assert_eq!(
+            rules.explain(&payload()).unwrap(),
+            "incident.incident_severity is \"Critical\", and the rule wants one of \"Info\", \"Ok\""
+        );
+        assert_eq!(
+            when("incident.labels.nope: {matches: '^a'}")
+                .explain(&payload())
+                .unwrap(),
+            "incident.labels.nope is absent, and the rule wants a match of /^a/"
+        );
+        assert_eq!(
+            when("incident.title: {exists: true}").explain(&payload()),
+            None
+        );
+    }
+
+    #[test]
     fn bad_rules_are_refused_at_load() {
         let compile = |y: &str| When::compile(&serde_yaml::from_str(y).unwrap());
-        assert!(compile("incident.title: {matches: '('}")
-            .unwrap_err()
-            .starts_with("incident.title: bad regex"));
-        assert!(compile("incident.title: {like: x}").is_err());
+        assert_eq!(
+            compile("incident.title: {matches: '('}").unwrap_err(),
+            ["incident.title: bad regex \"(\": unclosed group"]
+        );
+        assert_eq!(
+            compile("incident.title: {equals: Critical}").unwrap_err(),
+            [
+                "incident.title: unknown condition \"equals\" (use a value, a list of values, \
+              or one of exists, not, matches)"
+            ]
+        );
+        // Every bad entry is reported, not only the first.
+        assert_eq!(
+            compile("{a: {matches: '('}, b: ok, c: {like: x}, d..e: x}")
+                .unwrap_err()
+                .len(),
+            3
+        );
         assert!(compile("incident..title: x").is_err());
         assert!(compile("incident.title: {exists: yes please}").is_err());
     }

@@ -175,7 +175,7 @@ impl Ingress {
             outcome = answer.outcome.label(),
             status = status,
             event_id = seen.event_id.as_deref().unwrap_or_default(),
-            ack_ms = elapsed.as_secs_f64() * 1000.0,
+            ack_ms = crate::logging::millis(elapsed),
             reason = reason;
             "request"
         );
@@ -230,11 +230,16 @@ impl Ingress {
                     .refusals
                     .refused(client, "right_secret", Instant::now());
                 if let refusals::Verdict::Log(count) = verdict {
+                    let hint = if action.allows_flashduty {
+                        "has Flashduty changed its push addresses? (see sources.flashduty)"
+                    } else {
+                        "is the address missing from the action's allow list?"
+                    };
                     log::warn!(
-                        "action={} refused source {client} although its secret was right \
-                         ({count} since the last such line): has Flashduty changed its push \
-                         addresses? (see sources.flashduty)",
-                        action.name
+                        action = action.name.as_str(),
+                        client:% = client,
+                        refused = count;
+                        "source refused although its secret was right: {hint}"
                     );
                 }
             }

@@ -500,9 +500,9 @@ impl Spool {
             .map_err(|e| storage(dir.display(), e))?
             .len();
         log::info!(
-            "spool: {} opened in {:?}: {} events, {} pending deliveries, {} dead letters",
+            "spool: {} opened in {} ms: {} events, {} pending deliveries, {} dead letters",
             dir.display(),
-            started.elapsed(),
+            crate::logging::millis(started.elapsed()),
             state.events.len(),
             state.deliveries.len(),
             state.dead.len()

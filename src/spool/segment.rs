@@ -628,6 +628,22 @@ mod tests {
         );
     }
 
+    /// Found by the fuzzer (fuzz_spool): a damaged `Finished` record whose first sequence
+    /// is near u64::MAX overflowed while listing its sequences.
+    #[test]
+    fn a_finished_record_past_the_last_sequence_is_damage_not_a_panic() {
+        let mut body = vec![FINISHED];
+        body.extend_from_slice(&(u64::MAX - 3).to_le_bytes());
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.push(0xff);
+        let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+        buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        buf.extend_from_slice(&body);
+        let (got, result) = records(&buf);
+        assert!(got.is_empty());
+        assert!(result.unwrap_err().why.starts_with("undecodable record"));
+    }
+
     #[test]
     fn a_torn_tail_keeps_every_whole_record_before_it() {
         let mut buf = Vec::new();
