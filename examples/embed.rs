@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 
+use actiongate::lifecycle::set_shutdown_timing;
 use actiongate::{ActionGate, Config};
 use async_trait::async_trait;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -54,8 +55,11 @@ impl ProxyHttp for MyProxy {
 /// admin listener and dispatcher.
 pub fn build(config: Config, backend: SocketAddr) -> Result<(Server, ActionGate), String> {
     let listen = config.listen.first().ok_or("no listen address")?.addr;
+    let mut conf = ServerConf::default();
+    // Without this, Pingora's defaults keep a drained process alive for 5 minutes.
+    set_shutdown_timing(&mut conf, config.server.grace_period);
     let gate = ActionGate::new(config)?;
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), ServerConf::default());
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
     let mut proxy = pingora_proxy::http_proxy_service(
         &server.configuration,

@@ -197,9 +197,19 @@ impl ServeHttp for Admin {
 
 impl Admin {
     fn list(&self, query: &str) -> Response<Vec<u8>> {
-        let limit = query_param(query, "limit")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_LIST_LIMIT);
+        // A limit that does not parse is a mistake to say, not a reason to list everything.
+        let limit = match query_param(query, "limit").map(str::parse::<usize>) {
+            None => DEFAULT_LIST_LIMIT,
+            Some(Ok(n)) if n > 0 => n,
+            Some(_) => {
+                let v = query_param(query, "limit").unwrap_or_default();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("limit {v:?} is not a positive whole number"),
+                );
+            }
+        };
         match self.spool.dead_letters(limit) {
             Ok(records) => {
                 let items: Vec<Value> = records.iter().map(dead_letter_json).collect();

@@ -16,6 +16,19 @@ use tokio::sync::Notify;
 
 use crate::ActionGate;
 
+/// Pingora's shutdown timing for a server that runs actiongate, embedded or not. Pingora
+/// sleeps `grace_period_seconds` after closing its listeners, unconditionally, then gives its
+/// runtimes `graceful_shutdown_timeout_seconds`; its defaults (60 s and 300 s) keep a drained
+/// process alive for minutes. SIGTERM has drained actiongate by then ([`DrainOnSignal`]), so
+/// the sleep is only the bound for requests still in flight at a graceful upgrade.
+pub fn set_shutdown_timing(
+    conf: &mut pingora_core::server::configuration::ServerConf,
+    grace: Duration,
+) {
+    conf.grace_period_seconds = Some(grace.as_secs().max(1));
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+}
+
 /// Shared by the ingress, the dispatcher, the admin listener and the signal handler.
 #[derive(Debug, Default)]
 pub struct Lifecycle {

@@ -90,7 +90,11 @@ struct Fields(Vec<(String, serde_json::Value)>);
 
 impl<'kvs> VisitSource<'kvs> for Fields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
-        let json = if let Some(n) = value.to_u64() {
+        let json = if is_null(&value) {
+            // An `Option` logged as `None` (no HTTP status on a connection failure): null, as
+            // the dead-letter API says it, not a made-up 0.
+            serde_json::Value::Null
+        } else if let Some(n) = value.to_u64() {
             n.into()
         } else if let Some(n) = value.to_i64() {
             n.into()
@@ -104,6 +108,22 @@ impl<'kvs> VisitSource<'kvs> for Fields {
         self.0.push((key.as_str().to_string(), json));
         Ok(())
     }
+}
+
+fn is_null(value: &Value<'_>) -> bool {
+    struct Null(bool);
+    impl log::kv::VisitValue<'_> for Null {
+        fn visit_any(&mut self, _: Value) -> Result<(), log::kv::Error> {
+            Ok(())
+        }
+        fn visit_null(&mut self) -> Result<(), log::kv::Error> {
+            self.0 = true;
+            Ok(())
+        }
+    }
+    let mut null = Null(false);
+    let _ = value.visit(&mut null);
+    null.0
 }
 
 fn plain(value: &serde_json::Value) -> String {
@@ -141,5 +161,28 @@ mod tests {
         assert_eq!(logfmt_value("a=b"), "\"a=b\"");
         assert_eq!(logfmt_value("say \"hi\""), "\"say \\\"hi\\\"\"");
         assert_eq!(logfmt_value(""), "\"\"");
+    }
+
+    #[test]
+    fn no_status_is_null_and_durations_carry_no_float_noise() {
+        use log::kv::ToValue;
+        let mut fields = Fields(Vec::new());
+        let none: Option<u16> = None;
+        fields
+            .visit_pair(Key::from("status"), none.to_value())
+            .unwrap();
+        fields
+            .visit_pair(Key::from("code"), Some(503u16).to_value())
+            .unwrap();
+        let took = millis(std::time::Duration::from_nanos(8_543_560_001));
+        fields.visit_pair(Key::from("ms"), took.to_value()).unwrap();
+        assert_eq!(
+            serde_json::Value::Object(fields.0.into_iter().collect()).to_string(),
+            r#"{"status":null,"code":503,"ms":8543.56}"#
+        );
+        assert_eq!(
+            millis(std::time::Duration::from_nanos(1_797_650_999)),
+            1797.65
+        );
     }
 }

@@ -103,6 +103,10 @@ fn main() -> ExitCode {
         }
     };
     if cli.test {
+        if let Err(why) = actiongate::spool::check_dir(&config.spool_path) {
+            eprintln!("spool.path: {why}");
+            return ExitCode::from(1);
+        }
         for warning in &config.warnings {
             eprintln!("warning: {warning}");
         }

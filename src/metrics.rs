@@ -116,7 +116,8 @@ impl SpoolRefusal {
 /// Handles for one action's request metrics, resolved once.
 #[derive(Clone)]
 pub struct ActionMetrics {
-    requests: Vec<IntCounter>,
+    /// One counter per outcome an action's request can have (all but `unknown_action`).
+    requests: Vec<(Outcome, IntCounter)>,
     ack: Histogram,
     /// Refused by address although the secret was right: Flashduty likely moved.
     pub forbidden_with_secret: IntCounter,
@@ -124,11 +125,7 @@ pub struct ActionMetrics {
 
 impl ActionMetrics {
     pub fn request(&self, outcome: Outcome) {
-        if let Some(counter) = Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .and_then(|i| self.requests.get(i))
-        {
+        if let Some((_, counter)) = self.requests.iter().find(|(o, _)| *o == outcome) {
             counter.inc();
         }
     }
@@ -320,11 +317,11 @@ impl Metrics {
         for result in ["applied", "refused"] {
             metrics.reloads.with_label_values(&[result]);
         }
-        for outcome in Outcome::ALL {
-            metrics
-                .requests
-                .with_label_values(&[NO_ACTION, outcome.label()]);
-        }
+        // Only the series that can move: a request without an action is only ever unknown,
+        // and an action's request never is (see for_action).
+        metrics
+            .requests
+            .with_label_values(&[NO_ACTION, Outcome::UnknownAction.label()]);
         for action in &config.actions {
             metrics.for_action(&action.name);
             for upstream in &action.upstreams {
@@ -343,8 +340,9 @@ impl Metrics {
     pub fn for_action(&self, action: &str) -> ActionMetrics {
         ActionMetrics {
             requests: Outcome::ALL
-                .iter()
-                .map(|o| self.requests.with_label_values(&[action, o.label()]))
+                .into_iter()
+                .filter(|o| *o != Outcome::UnknownAction)
+                .map(|o| (o, self.requests.with_label_values(&[action, o.label()])))
                 .collect(),
             ack: self.ack.with_label_values(&[action]),
             forbidden_with_secret: self.forbidden_with_secret.with_label_values(&[action]),

@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::config::Config;
 use crate::ingress::guard::{AcceptFilter, ConnectionGuard};
 use crate::ingress::watchdog;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{set_shutdown_timing, Lifecycle};
 use crate::proxy::EdgeProxy;
 use crate::reload::Reloader;
 use crate::tls::ListenerCert;
@@ -60,14 +60,8 @@ impl Gateway {
             upgrade: mode.upgrade,
             ..Opt::default()
         };
-        let conf = ServerConf {
+        let mut conf = ServerConf {
             threads: config.server.threads,
-            // Pingora sleeps this long after closing its listeners, unconditionally, before
-            // stopping the runtimes. SIGTERM has drained by then (lifecycle.rs) and the exit
-            // watcher below ends the process as soon as the last connection is served, so
-            // this is only the bound for requests still in flight at a graceful upgrade.
-            grace_period_seconds: Some(config.server.grace_period.as_secs().max(1)),
-            graceful_shutdown_timeout_seconds: Some(1),
             pid_file: spool_dir
                 .join("actiongate.pid")
                 .to_string_lossy()
@@ -78,6 +72,8 @@ impl Gateway {
                 .into_owned(),
             ..ServerConf::default()
         };
+        // The exit watcher below ends the process as soon as the last connection is served.
+        set_shutdown_timing(&mut conf, config.server.grace_period);
         let listeners = config.listen.clone();
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         // With -u this receives the listening sockets from the running process, which keeps

@@ -309,6 +309,21 @@ async fn dead_letters_can_be_replayed_all_at_once_or_deleted() {
             .status,
         400
     );
+    // A limit that is not a number is refused, not taken as "everything".
+    let bad = client::get(gateway.admin, "/dead-letters?limit=abc").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        bad.json(),
+        serde_json::json!({"error": "bad_request", "message": "limit \"abc\" is not a positive whole number"})
+    );
+    assert_eq!(
+        client::get(gateway.admin, "/dead-letters?limit=1")
+            .await
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
     let replay = client::call(gateway.admin, "POST", "/dead-letters/replay").await;
     assert_eq!(replay.json(), serde_json::json!({"replayed": 2}));
     gateway

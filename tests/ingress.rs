@@ -259,6 +259,19 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
             .await,
         1.0
     );
+    // No series that can never move: a request with no action is only ever unknown, and an
+    // action's request never is.
+    let text = gateway.metrics().await;
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("actiongate_requests_total{"))
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .all(|l| l.contains("(none)") == l.contains("unknown_action")),
+        "{requests:#?}"
+    );
 
     assert!(gateway.stop_with("-TERM").await.success());
     assert_eq!(

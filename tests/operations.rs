@@ -7,6 +7,7 @@ mod reload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 const ENV: &[(&str, &str)] = &[
     ("ACTIONGATE_SECRET", "s"),
@@ -848,4 +849,49 @@ async fn a_flood_of_refusals_writes_one_line_per_source_and_reason_while_events_
         "{bytes} bytes of log for {} refusals",
         2 * flood
     );
+}
+
+/// The shipped embedding example stops within its grace period on SIGTERM, not after
+/// Pingora's default five minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embed_example_exits_within_its_grace_period_on_sigterm() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_actiongate"))
+        .with_file_name("examples")
+        .join("embed");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = format!("127.0.0.1:{}", support::free_port());
+    let config = dir.path().join("embed.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: [{{addr: \"127.0.0.1:{}\"}}]\nadmin: {{addr: \"{admin}\"}}\n\
+             spool: {{path: \"{}\"}}\nserver: {{grace_period: 2s}}\n\
+             actions: [{{name: a, path: /a, allow: [127.0.0.1/32], \
+             upstreams: [{{name: u, url: \"http://127.0.0.1:1/\"}}]}}]\n",
+            support::free_port(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(&exe)
+        .args([config.to_str().unwrap(), "127.0.0.1:1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
+    support::eventually_async(Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(&admin).await.ok()
+    })
+    .await;
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // The bound is for a hang (Pingora's default is 300 s); the expected exit is ~3 s.
+    let status = support::eventually("embed to exit", Duration::from_secs(60), || {
+        child.try_wait().ok().flatten()
+    })
+    .await;
+    assert!(status.success(), "{status}");
 }

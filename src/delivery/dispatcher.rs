@@ -509,7 +509,7 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
         upstream = upstream.name.as_str(),
         event_id = record.event_id.as_str(),
         attempt = attempt,
-        status = status.unwrap_or(0),
+        status = status,
         result = description.as_str(),
         decision = match decision {
             Decision::Delivered => "delivered",

@@ -236,6 +236,34 @@ fn storage(what: impl fmt::Display, e: impl fmt::Display) -> SpoolError {
     SpoolError::Storage(format!("{what}: {e}"))
 }
 
+/// What `-t` checks of `spool.path` without touching the spool: that this process could
+/// create the directory (or, if it exists, create files in it). Tried for real, with a probe
+/// removed at once, because permission bits say nothing of read-only mounts, `/proc` or
+/// systemd's `ProtectSystem`.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    let probe_name = format!(".actiongate-check-{}", std::process::id());
+    if dir.is_dir() {
+        let probe = dir.join(probe_name);
+        return File::create(&probe)
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| format!("{}: cannot create files in it: {e}", dir.display()));
+    }
+    if dir.exists() {
+        return Err(format!("{}: exists and is not a directory", dir.display()));
+    }
+    // The first missing component is the one the gateway would create first.
+    let mut first_missing = dir;
+    while let Some(parent) = first_missing.parent() {
+        if parent.as_os_str().is_empty() || parent.exists() {
+            break;
+        }
+        first_missing = parent;
+    }
+    std::fs::create_dir(first_missing)
+        .and_then(|()| std::fs::remove_dir(first_missing))
+        .map_err(|e| format!("{}: cannot be created: {e}", dir.display()))
+}
+
 /// Creates the spool directory if needed and takes its lock: one process per spool.
 fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     std::fs::create_dir_all(dir)
