@@ -193,6 +193,18 @@ async fn a_bad_reload_is_refused_whole_and_the_running_config_kept() {
     );
     upstream.wait_for(1, Duration::from_secs(20)).await;
 
+    // A file that is not YAML is named once, by its path.
+    std::fs::write(gateway.config_path(), "actions: [a\n").unwrap();
+    gateway.signal("-HUP");
+    gateway.wait_metric(REFUSED, 2.0).await;
+    let path = gateway.config_path().display().to_string();
+    let logs = gateway.logs();
+    assert!(
+        logs.contains(&format!("reload refused: {path}: not valid YAML")),
+        "{logs}"
+    );
+    assert!(!logs.contains(&format!("{path}: {path}")), "{logs}");
+
     // Fixed, it applies, and the gauge says the process runs the file again.
     std::fs::write(gateway.config_path(), good).unwrap();
     gateway.signal("-HUP");
