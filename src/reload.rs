@@ -41,7 +41,7 @@ impl Reloader {
             Err(problems) => {
                 for problem in &problems.0 {
                     // Problems of the file as a whole name it already; key paths do not.
-                    if problem.starts_with(&*path.to_string()) {
+                    if problem.starts_with(&format!("{path}:")) {
                         log::error!("reload refused: {problem}");
                     } else {
                         log::error!("reload refused: {path}: {problem}");

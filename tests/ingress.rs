@@ -272,6 +272,8 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
             .all(|l| l.contains("(none)") == l.contains("unknown_action")),
         "{requests:#?}"
     );
+    // Two actions, the eleven outcomes each can have, and the one series without an action.
+    assert_eq!(requests.len(), 2 * 11 + 1, "{requests:#?}");
 
     assert!(gateway.stop_with("-TERM").await.success());
     assert_eq!(

@@ -49,19 +49,29 @@ fn shipped_configs() -> Vec<PathBuf> {
     configs
 }
 
+/// Writes `yaml` to a config file in a new temporary directory and runs `-t` on it.
+fn check_config(yaml: &str) -> (tempfile::TempDir, PathBuf, Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("actiongate.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    (dir, path, out)
+}
+
 #[test]
 fn every_shipped_config_passes_the_check() {
     let configs = shipped_configs();
     assert!(configs.len() >= 5, "the example and the four use cases");
     for path in configs {
-        let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+        // Offline: the examples' spool.path (/var/lib/actiongate) is the deploy host's.
+        let out = actiongate(&["-c", path.to_str().unwrap(), "-t", "--offline"]);
         assert!(
             out.status.success(),
             "{}: {}",
             path.display(),
             text(&out.stderr)
         );
-        assert!(text(&out.stdout).ends_with(": ok\n"));
+        assert!(text(&out.stdout).ends_with(": ok; not checked (offline): spool.path\n"));
         // Shipped examples read only paths Flashduty sends: no warnings either.
         assert_eq!(text(&out.stderr), "", "{}", path.display());
     }
@@ -69,10 +79,7 @@ fn every_shipped_config_passes_the_check() {
 
 #[test]
 fn the_check_reports_every_problem_and_what_each_key_expects() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(
-        &path,
+    let (_dir, path, out) = check_config(
         r#"
 listen: [{addr: "127.0.0.1:8443"}]
 server: {threads: two}
@@ -91,9 +98,7 @@ actions:
           incident.title: {matches: "(unclosed"}
           incident.incident_severity: {equals: Critical}
 "#,
-    )
-    .unwrap();
-    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    );
     assert_eq!(out.status.code(), Some(1));
     // Wrong types first (each key once, saying what it takes), then the meaning of the rest:
     // a wrong type no longer hides the bad CIDR further down.
@@ -124,10 +129,7 @@ actions:
 
 #[test]
 fn paths_flashduty_never_sends_are_warned_about_with_the_closest_documented_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("typo.yaml");
-    std::fs::write(
-        &path,
+    let (_dir, path, out) = check_config(
         r#"
 listen: [{addr: "127.0.0.1:8443"}]
 sources: {office: ["10.0.0.0/8"]}
@@ -143,9 +145,7 @@ actions:
         body: '{"service": "{{incident.lables.service}}", "deploy": "{{incident.fields.deploy_id}}"}'
         value_mapping: {incident.incident_severity: {Critical: P0}}
 "#,
-    )
-    .unwrap();
-    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    );
     // Valid (custom fields and new Flashduty fields are real paths), but said.
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("{}: ok\n", path.display()));
@@ -172,10 +172,10 @@ actions:
 }
 
 #[test]
-fn the_check_can_run_without_the_secrets_and_says_what_it_did_not_check() {
+fn the_check_can_run_offline_and_says_what_it_did_not_check() {
     let config = "conf/examples/rollback.yaml";
     let out = Command::new(env!("CARGO_BIN_EXE_actiongate"))
-        .args(["-c", config, "-t", "--unset-env-ok"])
+        .args(["-c", config, "-t", "--offline"])
         .current_dir(root())
         .env_remove("ROLLBACK_SECRET")
         .env_remove("DEPLOY_TOKEN")
@@ -185,11 +185,19 @@ fn the_check_can_run_without_the_secrets_and_says_what_it_did_not_check() {
     assert_eq!(
         text(&out.stdout),
         format!(
-            "{config}: ok, except what depends on ${{DEPLOY_TOKEN}}, ${{ROLLBACK_SECRET}} \
-             (not set, not checked)\n"
+            "{config}: ok; not checked (offline): spool.path, ${{DEPLOY_TOKEN}}, \
+             ${{ROLLBACK_SECRET}}\n"
         )
     );
     // Without the flag, a missing secret is still a problem.
+    let out = Command::new(env!("CARGO_BIN_EXE_actiongate"))
+        .args(["-c", config, "-t", "--offline"])
+        .current_dir(root())
+        .env_remove("ROLLBACK_SECRET")
+        .env("DEPLOY_TOKEN", "t")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     let out = Command::new(env!("CARGO_BIN_EXE_actiongate"))
         .args(["-c", config, "-t"])
         .current_dir(root())
@@ -246,10 +254,7 @@ fn every_upstream_of_every_shipped_config_renders_for_some_shipped_fixture() {
 
 #[test]
 fn the_check_prints_one_line_per_problem_with_its_key_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(
-        &path,
+    let (_dir, _, out) = check_config(
         r#"
 listen: [{addr: "127.0.0.1:8443"}]
 limits: {read_timeout: "5 sec"}
@@ -261,9 +266,7 @@ actions:
       - {name: a, url: "http://10.0.0.5:8000/"}
       - {name: b, url: "/relative"}
 "#,
-    )
-    .unwrap();
-    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         text(&out.stderr),
@@ -888,10 +891,54 @@ async fn the_embed_example_exits_within_its_grace_period_on_sigterm() {
         .status()
         .unwrap();
     assert!(sent.success());
-    // The bound is for a hang (Pingora's default is 300 s); the expected exit is ~3 s.
-    let status = support::eventually("embed to exit", Duration::from_secs(60), || {
+    // Grace period (2 s) plus Pingora's 1 s runtime shutdown, with room for a slow machine;
+    // Pingora's defaults would take 300 s.
+    let status = support::eventually("embed to exit", Duration::from_secs(15), || {
         child.try_wait().ok().flatten()
     })
     .await;
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn the_check_tries_the_spool_directory_as_the_gateway_would() {
+    let config = |spool: &str| {
+        format!(
+            "listen: [{{addr: \"127.0.0.1:1\"}}]\nspool: {{path: \"{spool}\"}}\n\
+             sources: {{l: [127.0.0.0/8]}}\nactions: [{{name: a, path: /a, allow: [l], \
+             upstreams: [{{name: u, url: \"http://127.0.0.1:1/\"}}]}}]\n"
+        )
+    };
+    // Not creatable even by root: refused, naming why.
+    let (_dir, _, out) = check_config(&config("/proc/actiongate-spool"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("spool.path: /proc/actiongate-spool: cannot be created:"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A file where the directory should be.
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let (_dir, _, out) = check_config(&config(file.to_str().unwrap()));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "spool.path: {}: exists and is not a directory\n",
+            file.display()
+        )
+    );
+    // Creatable: ok, and nothing is left behind (neither the directory nor a probe).
+    let fresh = scratch.path().join("a/b/spool");
+    let (_dir, _, out) = check_config(&config(fresh.to_str().unwrap()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!scratch.path().join("a").exists());
+    // An existing spool: ok, and its probe (a random name, created new, never through a
+    // symlink) is gone.
+    let spool = scratch.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let (_dir, _, out) = check_config(&config(spool.to_str().unwrap()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
 }

@@ -239,19 +239,40 @@ fn storage(what: impl fmt::Display, e: impl fmt::Display) -> SpoolError {
 /// What `-t` checks of `spool.path` without touching the spool: that this process could
 /// create the directory (or, if it exists, create files in it). Tried for real, with a probe
 /// removed at once, because permission bits say nothing of read-only mounts, `/proc` or
-/// systemd's `ProtectSystem`.
+/// systemd's `ProtectSystem`. The probe is created new under a random name and never through
+/// a symlink (`-t` often runs as root in a directory the service user owns), and only what
+/// this call created is removed.
 pub fn check_dir(dir: &Path) -> Result<(), String> {
-    let probe_name = format!(".actiongate-check-{}", std::process::id());
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe_name = || format!(".actiongate-check-{:016x}", fastrand::u64(..));
     if dir.is_dir() {
-        let probe = dir.join(probe_name);
-        return File::create(&probe)
-            .and_then(|_| std::fs::remove_file(&probe))
-            .map_err(|e| format!("{}: cannot create files in it: {e}", dir.display()));
+        for _ in 0..8 {
+            let probe = dir.join(probe_name());
+            let created = File::options()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&probe);
+            match created {
+                Ok(_) => {
+                    return std::fs::remove_file(&probe).map_err(|e| {
+                        format!("{}: cannot remove its probe file: {e}", probe.display())
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("{}: cannot create files in it: {e}", dir.display())),
+            }
+        }
+        return Err(format!(
+            "{}: cannot create a probe file in it",
+            dir.display()
+        ));
     }
     if dir.exists() {
         return Err(format!("{}: exists and is not a directory", dir.display()));
     }
-    // The first missing component is the one the gateway would create first.
+    // The first missing component is the one the gateway would create first; `create_dir`
+    // fails on anything already there, so only a directory this call made is removed.
     let mut first_missing = dir;
     while let Some(parent) = first_missing.parent() {
         if parent.as_os_str().is_empty() || parent.exists() {
