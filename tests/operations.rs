@@ -116,6 +116,47 @@ actions:
          (use a value, a list of values, or one of exists, not, matches)\n"
     );
 
+    // A list element that cannot be read (a required key misspelled) is stepped over with a
+    // stand-in, so the actions after it are still checked.
+    std::fs::write(
+        &path,
+        r#"
+listen: [{addr: "127.0.0.1:1"}]
+sources: {l: [127.0.0.0/8]}
+fallback: {uri: "http://x"}
+limits: {max_connections: lots, max_connections_per_source: 0}
+actions:
+  - nme: a
+    path: /a
+    allow: [l]
+    upstreams: [{name: u, url: "http://127.0.0.1:1/"}]
+  - name: b
+    path: /b
+    allow: [l, 7]
+    secret: 5
+    upstreams:
+      - {name: u, url: "ftp://x/", timeout: 30}
+"#,
+    )
+    .unwrap();
+    let out = actiongate(&["-c", path.to_str().unwrap(), "-t", "--offline"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "fallback.uri: unknown field `uri`, expected `url`\n\
+         fallback: missing field `url`\n\
+         actions[0].nme: unknown field `nme`, expected one of `name`, `path`, `allow`, `secret`, \
+         `upstreams`\n\
+         actions[0]: missing field `name`\n\
+         actions[1].allow[1]: invalid type: integer `7`, expected a string\n\
+         actions[1].secret: invalid type: integer `5`, expected a mapping of keys\n\
+         actions[1].upstreams[0].timeout: invalid type: integer `30`, expected a duration such \
+         as 5s, 500ms or 1m30s\n\
+         limits.max_connections: invalid type: string \"lots\", expected a whole number\n\
+         limits.max_connections_per_source: must be more than 0\n\
+         actions[1].upstreams[0].url: scheme \"ftp\" not supported (use http or https)\n"
+    );
+
     // A YAML syntax error names the file, not a placeholder.
     std::fs::write(&path, "actions: [a\n").unwrap();
     let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);

@@ -262,7 +262,7 @@ impl Config {
         let config = validate(raw, &mut check);
         // What a removed key would have said again (a default in its place) is not news.
         let mut problems = check.problems.split_off(typed);
-        problems.retain(|p| !removed.iter().any(|r| p.starts_with(r.as_str())));
+        problems.retain(|p| !removed.iter().any(|r| is_under(p, r)));
         check.problems.extend(problems);
         match config {
             Some(config) if check.problems.is_empty() => Ok(config),
@@ -314,14 +314,16 @@ impl Check {
 const MAX_TYPE_PROBLEMS: usize = 50;
 
 /// Deserializes `doc`, reporting every key of the wrong type or unknown name rather than the
-/// first: each such key is removed and the rest tried again. Returns the config (`None` when a
-/// problem cannot be stepped over: a list element or a missing required key) and the paths
-/// removed.
+/// first. Each bad node is stepped over and the rest tried again: a key of a mapping is
+/// removed; a list element (or a mapping missing a required key, which cannot be removed from
+/// a list without shifting the indices of the rest) is replaced by a stand-in of its kind.
+/// Returns the config (`None` when a problem cannot be stepped over) and the paths stepped
+/// over, whose own validation problems would only repeat what was said.
 fn deserialize_all(
     mut doc: serde_yaml::Value,
     problems: &mut Vec<String>,
 ) -> (Option<RawConfig>, Vec<String>) {
-    let mut removed = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
     for _ in 0..MAX_TYPE_PROBLEMS {
         let e = match serde_path_to_error::deserialize::<_, RawConfig>(doc.clone()) {
             Ok(raw) => return (Some(raw), removed),
@@ -332,23 +334,57 @@ fn deserialize_all(
         let at = if at == "." { "(top level)".into() } else { at };
         let why = e.into_inner().to_string();
         // serde names Rust types; a YAML author wants to know what to write.
-        let why = ["usize", "u64", "u32", "u16"].iter().fold(why, |why, t| {
+        let mut why = ["usize", "u64", "u32", "u16"].iter().fold(why, |why, t| {
             why.replace(&format!("expected {t}"), "expected a whole number")
         });
-        // A required key removed below comes back as "missing field" at its parent: said.
-        let repeat = why.starts_with("missing field")
-            && removed
-                .iter()
-                .any(|r: &String| r.starts_with(&format!("{at}.")));
+        if let Some(at) = why.find("expected struct Raw") {
+            why.replace_range(at.., "expected a mapping of keys");
+        }
+        if removed.contains(&at) {
+            // The stand-in did not fit either: nothing more to learn by going on.
+            return (None, removed);
+        }
+        let missing = why
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next());
+        // A required key of the wrong type, removed, comes back as missing: said already.
+        let repeat = missing.is_some_and(|field| removed.contains(&format!("{at}.{field}")));
         if !repeat {
             problems.push(format!("{at}: {why}"));
         }
-        if repeat || !remove_key(&mut doc, &path) {
+        let stepped = remove_key(&mut doc, &path) || replace_with_stand_in(&mut doc, &path);
+        if !stepped {
             return (None, removed);
         }
         removed.push(at);
     }
     (None, removed)
+}
+
+/// Whether `problem` (a line starting with a key path) is about `path` or something in it.
+fn is_under(problem: &str, path: &str) -> bool {
+    problem
+        .strip_prefix(path)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '.', '[']))
+}
+
+/// The node at `path`, if every step of it exists.
+fn node_mut<'d>(
+    doc: &'d mut serde_yaml::Value,
+    path: &[serde_path_to_error::Segment],
+) -> Option<&'d mut serde_yaml::Value> {
+    use serde_path_to_error::Segment;
+    let mut at = doc;
+    for segment in path {
+        at = match (segment, at) {
+            (Segment::Map { key }, serde_yaml::Value::Mapping(map)) => map.get_mut(key.as_str())?,
+            (Segment::Seq { index }, serde_yaml::Value::Sequence(items)) => {
+                items.get_mut(*index)?
+            }
+            _ => return None,
+        };
+    }
+    Some(at)
 }
 
 /// Removes the mapping key at `path`; false when `path` does not end in a key of a mapping.
@@ -357,28 +393,41 @@ fn remove_key(doc: &mut serde_yaml::Value, path: &[serde_path_to_error::Segment]
     let Some((Segment::Map { key }, parents)) = path.split_last() else {
         return false;
     };
-    let mut at = doc;
-    for segment in parents {
-        at = match (segment, at) {
-            (Segment::Map { key }, serde_yaml::Value::Mapping(map)) => {
-                match map.get_mut(key.as_str()) {
-                    Some(next) => next,
-                    None => return false,
-                }
-            }
-            (Segment::Seq { index }, serde_yaml::Value::Sequence(items)) => {
-                match items.get_mut(*index) {
-                    Some(next) => next,
-                    None => return false,
-                }
-            }
-            _ => return false,
-        };
-    }
-    match at {
-        serde_yaml::Value::Mapping(map) => map.remove(key.as_str()).is_some(),
+    match node_mut(doc, parents) {
+        Some(serde_yaml::Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
         _ => false,
     }
+}
+
+/// Replaces the list element at `path` with a valid stand-in of its kind (named after the
+/// list it is in), so that the elements after it keep their indices; false when `path` does
+/// not end in a list element.
+fn replace_with_stand_in(
+    doc: &mut serde_yaml::Value,
+    path: &[serde_path_to_error::Segment],
+) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((Segment::Seq { index }, parents)) = path.split_last() else {
+        return false;
+    };
+    let list = parents.iter().rev().find_map(|s| match s {
+        Segment::Map { key } => Some(key.as_str()),
+        _ => None,
+    });
+    let stand_in = match list {
+        Some("actions") => format!(
+            "{{name: stand-in-{index}, path: /.stand-in/{index}, allow: [127.0.0.1/32], \
+             upstreams: [{{name: u, url: \"http://127.0.0.1:1/\"}}]}}"
+        ),
+        Some("upstreams") => format!("{{name: stand-in-{index}, url: \"http://127.0.0.1:1/\"}}"),
+        Some("listen") => "{addr: \"127.0.0.1:1\"}".to_string(),
+        _ => "127.0.0.1/32".to_string(),
+    };
+    let (Some(node), Ok(value)) = (node_mut(doc, path), serde_yaml::from_str(&stand_in)) else {
+        return false;
+    };
+    *node = value;
+    true
 }
 
 fn is_name(text: &str) -> bool {
