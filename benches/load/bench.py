@@ -71,16 +71,19 @@ def wait_port(port, limit=20.0):
     raise SystemExit(f"nothing listening on {port} after {limit}s{logs}")
 
 
+def status_kib(pid, field):
+    """A memory figure of /proc/PID/status (VmRSS now, VmHWM the peak), in KiB; 0 once gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
 def peak_rss_kib(pids):
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
+    return sum(status_kib(pid, "VmHWM") for pid in pids)
 
 
 def children(pid):
@@ -279,10 +282,7 @@ def cpu_seconds(pids):
 
 
 def rss_kib(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return status_kib(pid, "VmRSS")
 
 
 def edge_phase(sink_port, deny_port, nginx):

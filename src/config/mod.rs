@@ -718,14 +718,9 @@ fn validate_action(
         );
     }
     let default_allow = vec!["flashduty".to_string()];
+    let entries = a.allow.as_ref().unwrap_or(&default_allow);
     let mut allow = Vec::new();
-    for (j, entry) in a
-        .allow
-        .as_ref()
-        .unwrap_or(&default_allow)
-        .iter()
-        .enumerate()
-    {
+    for (j, entry) in entries.iter().enumerate() {
         if let Some(set) = sources.get(entry) {
             allow.extend(set.nets().iter().copied());
         } else if entry.contains(['.', ':']) {
@@ -787,17 +782,11 @@ fn validate_action(
             upstreams.push(upstream);
         }
     }
-    let allows_flashduty = a
-        .allow
-        .as_ref()
-        .unwrap_or(&default_allow)
-        .iter()
-        .any(|entry| entry == "flashduty");
     Some(Action {
         name: a.name.clone(),
         path: a.path.clone(),
         allow: IpSet::new(allow),
-        allows_flashduty,
+        allows_flashduty: entries.iter().any(|entry| entry == "flashduty"),
         secret,
         upstreams,
     })
