@@ -8,10 +8,15 @@ use std::process::ExitCode;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
-use actiongate::config::{Config, DriftPolicy};
+use std::time::Duration;
+
+use actiongate::config::units::format_duration;
+use actiongate::config::{Action, Config, DriftPolicy, ReportOutcome, Upstream};
+use actiongate::delivery::report::{self, Facts};
 use actiongate::delivery::request;
-use actiongate::ingress::payload;
+use actiongate::ingress::{guard, payload};
 use actiongate::server::{Gateway, Mode};
+use actiongate::spool::Guarded;
 
 /// jemalloc, as Pingora's own deployments use: glibc's malloc cost the dispatcher ~16 % of its
 /// CPU (consolidating freed 4 KB payload buffers). Measured with it: 92-99 -> 77 us of
@@ -66,6 +71,10 @@ enum Command {
         /// The upstream's name within the action.
         #[arg(long)]
         upstream: String,
+        /// Print instead the comment the action's `report` would post onto the incident for
+        /// this outcome of the upstream: delivered, dead_lettered or guarded.
+        #[arg(long, value_name = "OUTCOME")]
+        outcome: Option<String>,
         /// A payload file, as Flashduty would send it.
         payload: PathBuf,
     },
@@ -77,10 +86,11 @@ fn main() -> ExitCode {
         conf,
         action,
         upstream,
+        outcome,
         payload,
     }) = &cli.command
     {
-        return render(conf, action, upstream, payload);
+        return render(conf, action, upstream, outcome.as_deref(), payload);
     }
     let Some(path) = &cli.conf else {
         eprintln!("actiongate: -c FILE is required (see --help)");
@@ -186,7 +196,13 @@ fn repair_spool(dir: &Path) -> ExitCode {
     }
 }
 
-fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Path) -> ExitCode {
+fn render(
+    conf: &Path,
+    action_name: &str,
+    upstream_name: &str,
+    outcome: Option<&str>,
+    payload_path: &Path,
+) -> ExitCode {
     let config = match Config::load(conf) {
         Ok(config) => config,
         Err(problems) => {
@@ -234,6 +250,9 @@ fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Pa
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
+    if let Some(outcome) = outcome {
+        return render_report(&config, action, upstream, outcome, &event_id, &raw);
+    }
     if let Some(why) = upstream.when.as_ref().and_then(|w| w.explain(&value)) {
         println!("# when: does not match: {why}; {upstream_name} would skip this event");
         return ExitCode::SUCCESS;
@@ -254,5 +273,104 @@ fn render(conf: &Path, action_name: &str, upstream_name: &str, payload_path: &Pa
     }
     println!();
     println!("{}", String::from_utf8_lossy(&body));
+    ExitCode::SUCCESS
+}
+
+/// Prints the Open API call the report of `outcome` would make, with example facts (said on
+/// stderr, as stdout is exactly what Flashduty would receive).
+fn render_report(
+    config: &Config,
+    action: &Action,
+    upstream: &Upstream,
+    outcome: &str,
+    event_id: &str,
+    raw: &[u8],
+) -> ExitCode {
+    let Some(outcome) = ReportOutcome::parse(outcome) else {
+        eprintln!("--outcome {outcome:?}: use delivered, dead_lettered or guarded");
+        return ExitCode::from(1);
+    };
+    let (Some(report), Some(api)) = (&action.report, &config.flashduty) else {
+        eprintln!("{} reports nothing: it has no report section", action.name);
+        return ExitCode::from(1);
+    };
+    let plan = report::Plan::new(report);
+    if !plan.wants(outcome) {
+        println!(
+            "# report.on does not list {}: nothing would be posted",
+            outcome.label()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let attempts = upstream.retry.attempts;
+    let guard_message = action.guard.as_ref().map(|g| {
+        let now = actiongate::spool::now_ms();
+        let refused = match (g.once_per_incident, g.max_per_hour) {
+            (Some(window), _) => Guarded::OncePerIncident {
+                frees_ms: now + u64::try_from(window.as_millis()).unwrap_or(0),
+            },
+            (None, Some(limit)) => Guarded::MaxPerHour {
+                limit,
+                frees_ms: now + 600_000,
+            },
+            (None, None) => Guarded::HumanOnly,
+        };
+        guard::message(&action.name, refused, now)
+    });
+    let dead_error = format!("HTTP 503: Service Unavailable (after {attempts} attempts)");
+    let facts = match outcome {
+        ReportOutcome::Delivered => Facts {
+            action: &action.name,
+            upstream: &upstream.name,
+            outcome,
+            attempts: 1,
+            status: Some(200),
+            error: None,
+            response: "",
+            lag: Duration::from_millis(1200),
+        },
+        ReportOutcome::DeadLettered => Facts {
+            action: &action.name,
+            upstream: &upstream.name,
+            outcome,
+            attempts,
+            status: Some(503),
+            error: Some(&dead_error),
+            response: "Service Unavailable",
+            lag: Duration::from_secs(600),
+        },
+        ReportOutcome::Guarded => Facts {
+            action: &action.name,
+            upstream: "",
+            outcome,
+            attempts: 0,
+            status: None,
+            error: guard_message.as_deref(),
+            response: "",
+            lag: Duration::ZERO,
+        },
+    };
+    eprintln!(
+        "note: example facts: attempts {}, status {}, lag {}{}",
+        facts.attempts,
+        facts
+            .status
+            .map_or_else(|| "none".to_string(), |s| s.to_string()),
+        format_duration(facts.lag),
+        facts
+            .error
+            .map_or_else(String::new, |e| format!(", error {e:?}"))
+    );
+    let Some(event) = plan.event(event_id, raw, &facts) else {
+        println!(
+            "# incident.incident_id is not a Flashduty incident id (24 hex characters): nothing \
+             would be posted"
+        );
+        return ExitCode::SUCCESS;
+    };
+    println!("POST {}?app_key=<flashduty.app_key>", api.comment_url());
+    println!("content-type: application/json");
+    println!();
+    println!("{}", String::from_utf8_lossy(&event.body));
     ExitCode::SUCCESS
 }

@@ -323,8 +323,9 @@ impl Metrics {
             .requests
             .with_label_values(&[NO_ACTION, Outcome::UnknownAction.label()]);
         for action in &config.actions {
-            metrics.for_action(&action.name);
-            for upstream in &action.upstreams {
+            metrics.for_action(&action.name, action.guard.is_some());
+            let reports = action.report.as_ref().map(|r| &r.upstream);
+            for upstream in action.upstreams.iter().chain(reports) {
                 metrics.for_upstream(&action.name, &upstream.name);
                 metrics.pending_deliveries(&upstream.name);
                 metrics.dead_letters(&upstream.name);
@@ -336,12 +337,13 @@ impl Metrics {
         metrics
     }
 
-    /// Request-path handles for `action` (creating its series).
-    pub fn for_action(&self, action: &str) -> ActionMetrics {
+    /// Request-path handles for `action` (creating its series); `guarded` only for an action
+    /// with guards.
+    pub fn for_action(&self, action: &str, guarded: bool) -> ActionMetrics {
         ActionMetrics {
             requests: Outcome::ALL
                 .into_iter()
-                .filter(|o| *o != Outcome::UnknownAction)
+                .filter(|o| *o != Outcome::UnknownAction && (guarded || *o != Outcome::Guarded))
                 .map(|o| (o, self.requests.with_label_values(&[action, o.label()])))
                 .collect(),
             ack: self.ack.with_label_values(&[action]),

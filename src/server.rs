@@ -18,7 +18,7 @@ use pingora_proxy::HttpProxy;
 use tokio::sync::broadcast;
 
 use crate::config::Config;
-use crate::ingress::guard::{AcceptFilter, ConnectionGuard};
+use crate::ingress::admission::{AcceptFilter, ConnectionGuard};
 use crate::ingress::watchdog;
 use crate::lifecycle::{set_shutdown_timing, Lifecycle};
 use crate::proxy::EdgeProxy;

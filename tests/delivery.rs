@@ -1025,3 +1025,6 @@ async fn a_failed_fsync_answers_503_until_a_restart_and_never_delivers_what_it_r
     // And it is new, not a duplicate: it was never stored.
     assert_eq!(post_event(&gateway, "refused-1").await.0, 200);
 }
+
+#[path = "delivery/report.rs"]
+mod report;

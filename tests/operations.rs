@@ -106,7 +106,7 @@ actions:
         text(&out.stderr),
         "server.threads: invalid type: string \"two\", expected a whole number\n\
          actions[0].tiemout: unknown field `tiemout`, expected one of `name`, `path`, `allow`, \
-         `secret`, `upstreams`\n\
+         `secret`, `upstreams`, `report`, `guard`\n\
          actions[0].upstreams[0].timeout: invalid type: integer `30`, expected a duration such \
          as 5s, 500ms or 1m30s\n\
          sources.office[0]: \"10.0.0.0/33\" is not a CIDR or IP address (try 10.20.0.0/16)\n\

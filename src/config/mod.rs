@@ -6,6 +6,7 @@
 //! holds no unparsed URL, CIDR, duration, template or unknown source name.
 
 mod env;
+mod flashduty;
 mod raw;
 pub mod units;
 
@@ -27,6 +28,8 @@ use crate::ingress::allowlist::IpSet;
 use crate::logging::LogFormat;
 use raw::{RawAction, RawConfig, RawUpstream};
 use units::{parse_duration, parse_size};
+
+pub use flashduty::{FlashdutyApi, Guard, Report, ReportOutcome, COMMENT_VALUES, REPORT_UPSTREAM};
 
 /// Flashduty's SaaS push addresses, the built-in `flashduty` source (PAYLOAD.md). A config may
 /// redefine `sources.flashduty` when Flashduty announces new ones or for an on-prem install.
@@ -62,6 +65,8 @@ pub struct Config {
     /// What to do with an unknown value of a documented enum (schema drift).
     pub schema_drift: DriftPolicy,
     pub log: LogSettings,
+    /// Flashduty's Open API, which reports go through.
+    pub flashduty: Option<FlashdutyApi>,
     /// What is valid but probably not meant: template and `when` paths that Flashduty's
     /// payload does not have. Printed by `-t` and `render`, logged at start and reload.
     pub warnings: Vec<String>,
@@ -146,6 +151,9 @@ pub struct Action {
     pub allows_flashduty: bool,
     pub secret: Option<Secret>,
     pub upstreams: Vec<Upstream>,
+    /// What is written onto the incident for each outcome.
+    pub report: Option<Report>,
+    pub guard: Option<Guard>,
 }
 
 /// A shared-secret header that must be present with this exact value.
@@ -659,6 +667,10 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         },
     };
 
+    let flashduty = raw
+        .flashduty
+        .as_ref()
+        .and_then(|f| flashduty::validate_api(f, check));
     if raw.actions.is_empty() {
         check.fail("actions", "at least one action is required");
     }
@@ -673,7 +685,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         if !paths.insert(a.path.as_str()) {
             check.fail(format!("{at}.path"), format!("{:?} is used twice", a.path));
         }
-        if let Some(action) = validate_action(&at, a, &sources, check) {
+        if let Some(action) = validate_action(&at, a, &sources, flashduty.as_ref(), check) {
             actions.push(action);
         }
     }
@@ -692,6 +704,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         actions,
         schema_drift,
         log,
+        flashduty,
         warnings: std::mem::take(&mut check.warnings),
     })
 }
@@ -700,6 +713,7 @@ fn validate_action(
     at: &str,
     a: &RawAction,
     sources: &BTreeMap<String, IpSet>,
+    api: Option<&FlashdutyApi>,
     check: &mut Check,
 ) -> Option<Action> {
     if !is_name(&a.name) {
@@ -782,6 +796,21 @@ fn validate_action(
             upstreams.push(upstream);
         }
     }
+    let guard = a
+        .guard
+        .as_ref()
+        .map(|g| flashduty::validate_guard(&format!("{at}.guard"), g, check));
+    let names: Vec<&str> = a.upstreams.iter().map(|u| u.name.as_str()).collect();
+    let report = a.report.as_ref().and_then(|r| {
+        flashduty::validate_report(
+            &format!("{at}.report"),
+            r,
+            api,
+            &names,
+            guard.is_some(),
+            check,
+        )
+    });
     Some(Action {
         name: a.name.clone(),
         path: a.path.clone(),
@@ -789,6 +818,8 @@ fn validate_action(
         allows_flashduty: entries.iter().any(|entry| entry == "flashduty"),
         secret,
         upstreams,
+        report,
+        guard,
     })
 }
 

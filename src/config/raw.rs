@@ -41,6 +41,39 @@ pub struct RawConfig {
     /// Log format and level.
     #[serde(default)]
     pub log: RawLog,
+    /// Flashduty's Open API, which `report` writes comments through [none].
+    pub flashduty: Option<RawFlashduty>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlashduty {
+    /// An account's API key, e.g. `${FLASHDUTY_APP_KEY}`; never logged.
+    pub app_key: String,
+    /// The Open API's base URL [https://api.flashcat.cloud].
+    pub api: Option<String>,
+    /// Open API calls per second, process-wide [20]; Flashduty allows 50 per account.
+    pub rate: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReport {
+    /// Outcomes that get a comment: delivered, dead_lettered, guarded [delivered, dead_lettered].
+    pub on: Option<Vec<String>>,
+    /// The comment, with payload paths and actiongate.* values [one sentence saying it all].
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuard {
+    /// Refuse pushes that carry no `person` [false].
+    pub human_only: Option<bool>,
+    /// Refuse a second push for the same incident within this long [none].
+    pub once_per_incident: Option<DurationText>,
+    /// Refuse past this many accepted pushes of the action in any hour [none].
+    pub max_per_hour: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +166,10 @@ pub struct RawAction {
     /// Where accepted events go.
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
+    /// A comment on the incident for each outcome [none].
+    pub report: Option<RawReport>,
+    /// Guardrails for destructive actions [none].
+    pub guard: Option<RawGuard>,
 }
 
 #[derive(Debug, Deserialize)]

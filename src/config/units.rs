@@ -28,6 +28,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// Writes a duration for people, to a tenth of a second under a minute: `850ms`, `2.4s`,
+/// `6m48s`, `1h2m`, `3d4h`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let s = ms / 1000;
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{}.{}s", s, (ms % 1000) / 100),
+        60_000..3_600_000 => format!("{}m{}s", s / 60, s % 60),
+        3_600_000..86_400_000 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
 /// Parses a size: a plain number of bytes, or a number followed by `B`, `KiB`, `MiB`, `GiB`
 /// (or the decimal `KB`, `MB`, `GB`).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -56,6 +70,16 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_written_for_people() {
+        let ms = Duration::from_millis;
+        assert_eq!(format_duration(ms(850)), "850ms");
+        assert_eq!(format_duration(ms(2_460)), "2.4s");
+        assert_eq!(format_duration(ms(408_000)), "6m48s");
+        assert_eq!(format_duration(ms(3_720_000)), "1h2m");
+        assert_eq!(format_duration(ms(273_600_000)), "3d4h");
+    }
 
     #[test]
     fn durations_in_every_unit() {

@@ -48,15 +48,31 @@ pub fn needs_own_client(upstream: &Upstream) -> bool {
     !upstream.tls_verify || upstream.ca_file.is_some()
 }
 
-/// Sends one attempt and reports how it ended, with a one-line description for logs and
-/// dead letters (`HTTP 404: no such host`, `timed out after 10s`, `connect failed: …`).
-pub async fn attempt(
+/// What came back from an attempt that got an answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    /// The first [`HEAD_BYTES`] of the body: for the description, `actiongate.response` and
+    /// Flashduty's envelope.
+    pub head: Vec<u8>,
+    /// Flashduty's `Flashcat-Request-Id`, kept in the description of a failed report.
+    pub request_id: Option<String>,
+}
+
+/// How much of a response body is kept.
+pub const HEAD_BYTES: usize = 4096;
+
+/// Sends one attempt. An error is the one-line description of why no answer came
+/// (`timed out after 10s`, `connect failed: …`); it never holds the URL, whose query may
+/// carry a key.
+pub async fn send(
     client: &reqwest::Client,
     upstream: &Upstream,
     url: url::Url,
     headers: HeaderMap,
     body: Bytes,
-) -> (AttemptOutcome, String) {
+) -> Result<Reply, String> {
     let sent = client
         .request(upstream.method.clone(), url)
         .timeout(upstream.timeout)
@@ -64,41 +80,52 @@ pub async fn attempt(
         .body(body)
         .send()
         .await;
-    let mut response = match sent {
-        Ok(response) => response,
-        Err(e) => {
-            let why = describe(&e, upstream.timeout);
-            return (AttemptOutcome::Transport(why.clone()), why);
-        }
-    };
+    let mut response = sent.map_err(|e| describe(&e.without_url(), upstream.timeout))?;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let mut snippet = Vec::new();
+    let request_id = response
+        .headers()
+        .get("flashcat-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut head = Vec::new();
     let mut read = 0usize;
     while read < DRAIN_LIMIT {
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 read += chunk.len();
-                let room = ERROR_SNIPPET.saturating_sub(snippet.len());
-                snippet.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                let room = HEAD_BYTES.saturating_sub(head.len());
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
             Ok(None) => break,
             // The status arrived but the body broke off: the upstream may not have finished
             // handling it, so this counts as no answer (and is retried).
             Err(e) => {
-                let why = format!(
+                return Err(format!(
                     "HTTP {status}, then the response broke off: {}",
-                    describe(&e, upstream.timeout)
-                );
-                return (AttemptOutcome::Transport(why.clone()), why);
+                    describe(&e.without_url(), upstream.timeout)
+                ))
             }
         }
     }
-    let text = String::from_utf8_lossy(&snippet);
+    Ok(Reply {
+        status,
+        retry_after,
+        head,
+        request_id,
+    })
+}
+
+/// How an upstream's answer counts (its status), with a one-line description for logs and
+/// dead letters (`HTTP 404: no such host`).
+pub fn judge(reply: &Reply) -> (AttemptOutcome, String) {
+    let status = reply.status;
+    let snippet = &reply.head[..reply.head.len().min(ERROR_SNIPPET)];
+    let text = String::from_utf8_lossy(snippet);
     let text = text.trim();
     let description = if text.is_empty() || (200..300).contains(&status) {
         format!("HTTP {status}")
@@ -107,7 +134,7 @@ pub async fn attempt(
     };
     let outcome = AttemptOutcome::Status {
         status,
-        retry_after,
+        retry_after: reply.retry_after,
     };
     (outcome, description)
 }

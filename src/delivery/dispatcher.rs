@@ -19,12 +19,13 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
 use super::projection::Projection;
+use super::report::{self, Facts, Pace};
 use super::retry::{AttemptOutcome, Decision};
 use super::{client, request, DeliveryOutcome};
-use crate::config::{Config, Upstream};
+use crate::config::{Config, FlashdutyApi, ReportOutcome, Upstream, REPORT_UPSTREAM};
 use crate::lifecycle::{wait_until, Lifecycle};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::spool::{lane_key, now_ms, Finish, Spool};
+use crate::spool::{lane_key, now_ms, DeliveryRecord, Finish, NewEvent, Spool};
 
 /// Longest a lane sleeps without looking at the spool, as a safety net for missed wake-ups.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -49,6 +50,8 @@ pub struct Dispatcher {
     sweeping: Mutex<HashSet<String>>,
     /// Where lane tasks run; set when the service starts.
     runtime: OnceLock<Handle>,
+    /// The one pace of every Open API call (`flashduty.rate`).
+    pace: Arc<Pace>,
 }
 
 /// The background service that runs a [`Dispatcher`].
@@ -60,6 +63,17 @@ struct LaneConf {
     client: reqwest::Client,
     /// What the upstream's rules and templates read of a payload.
     projection: Projection,
+    /// The action reports this lane's outcomes onto the incident.
+    report: Option<Arc<ReportPlan>>,
+    /// This lane delivers an action's reports: its events are Open API calls.
+    flashduty: Option<Arc<FlashdutyApi>>,
+}
+
+/// How an action's outcomes become reports.
+struct ReportPlan {
+    plan: report::Plan,
+    /// The report lane's metrics: an outcome that cannot be reported counts as skipped there.
+    metrics: UpstreamMetrics,
 }
 
 struct Lane {
@@ -81,7 +95,10 @@ struct Lane {
 }
 
 /// Lane settings built from a new config, checked before anything is swapped.
-pub struct Prepared(Vec<(String, String, LaneConf)>);
+pub struct Prepared {
+    lanes: Vec<(String, String, LaneConf)>,
+    rate: Option<u32>,
+}
 
 impl Dispatcher {
     pub fn new(
@@ -98,6 +115,7 @@ impl Dispatcher {
             lanes: Mutex::new(HashMap::new()),
             sweeping: Mutex::new(HashSet::new()),
             runtime: OnceLock::new(),
+            pace: Arc::new(Pace::new(config.flashduty.as_ref().map_or(1, |f| f.rate))),
         });
         let prepared = dispatcher.prepare(config)?;
         dispatcher.apply(prepared);
@@ -108,7 +126,24 @@ impl Dispatcher {
     /// built, e.g. an upstream's `ca_file` became unreadable.
     pub fn prepare(&self, config: &Config) -> Result<Prepared, String> {
         let mut lanes = Vec::new();
+        let api = config.flashduty.clone().map(Arc::new);
         for action in &config.actions {
+            let plan = action.report.as_ref().map(|report| {
+                Arc::new(ReportPlan {
+                    plan: report::Plan::new(report),
+                    metrics: self.metrics.for_upstream(&action.name, REPORT_UPSTREAM),
+                })
+            });
+            if let (Some(plan), Some(api)) = (&plan, &api) {
+                let conf = LaneConf {
+                    upstream: plan.plan.report.upstream.clone(),
+                    client: self.shared_client.clone(),
+                    projection: Projection::default(),
+                    report: None,
+                    flashduty: Some(api.clone()),
+                };
+                lanes.push((action.name.clone(), REPORT_UPSTREAM.to_string(), conf));
+            }
             for upstream in &action.upstreams {
                 let client = if client::needs_own_client(upstream) {
                     client::build(Some(upstream))
@@ -120,20 +155,28 @@ impl Dispatcher {
                     upstream: upstream.clone(),
                     client,
                     projection: Projection::for_upstream(upstream),
+                    report: plan.clone(),
+                    flashduty: None,
                 };
                 lanes.push((action.name.clone(), upstream.name.clone(), conf));
             }
         }
-        Ok(Prepared(lanes))
+        Ok(Prepared {
+            lanes,
+            rate: config.flashduty.as_ref().map(|f| f.rate),
+        })
     }
 
     /// Puts `prepared` in force: new lanes start, existing ones take their new settings from
     /// their next attempt on, and lanes no longer configured are retired. Returns the keys of
     /// the lanes retired, for [`Dispatcher::let_go`].
     pub fn apply(self: &Arc<Self>, prepared: Prepared) -> Vec<String> {
+        if let Some(rate) = prepared.rate {
+            self.pace.set_rate(rate);
+        }
         let mut lanes = self.lanes();
         let mut configured = HashSet::new();
-        for (action, upstream, conf) in prepared.0 {
+        for (action, upstream, conf) in prepared.lanes {
             let key = lane_key(&action, &upstream);
             configured.insert(key.clone());
             if let Some(lane) = lanes.get(&key) {
@@ -211,7 +254,12 @@ impl Dispatcher {
 
     fn start(self: &Arc<Self>, runtime: &Handle, lane: Arc<Lane>) {
         if !lane.started.swap(true, Ordering::AcqRel) {
-            runtime.spawn(run_lane(lane, self.spool.clone(), self.lifecycle.clone()));
+            runtime.spawn(run_lane(
+                lane,
+                self.spool.clone(),
+                self.lifecycle.clone(),
+                self.pace.clone(),
+            ));
         }
     }
 
@@ -309,7 +357,7 @@ impl BackgroundService for DispatcherService {
     }
 }
 
-async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
+async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>, pace: Arc<Pace>) {
     loop {
         if lifecycle.deliveries_stopped() || lane.stopped.load(Ordering::Acquire) {
             return;
@@ -341,6 +389,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>) {
                             lane.clone(),
                             spool.clone(),
                             lifecycle.clone(),
+                            pace.clone(),
                             id,
                         ));
                     }
@@ -413,16 +462,22 @@ impl Lane {
     }
 }
 
-async fn attempt_task(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>, id: u64) {
+async fn attempt_task(
+    lane: Arc<Lane>,
+    spool: Spool,
+    lifecycle: Arc<Lifecycle>,
+    pace: Arc<Pace>,
+    id: u64,
+) {
     let in_flight = lifecycle.delivery();
-    deliver(&lane, &spool, id).await;
+    deliver(&lane, &spool, &pace, id).await;
     lane.clear_in_flight(id);
     drop(in_flight);
     lane.changed.notify_waiters();
 }
 
 /// One step for delivery `id`: skip it, or attempt it and record the result.
-async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
+async fn deliver(lane: &Lane, spool: &Spool, pace: &Pace, id: u64) {
     let conf = lane.conf.load_full();
     let upstream = &conf.upstream;
     let (record, raw) = match spool.load(id) {
@@ -451,6 +506,7 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
                     },
                     DeliveryOutcome::DeadLettered,
                     None,
+                    None,
                 )
                 .await;
                 return;
@@ -476,6 +532,7 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
                 Finish::Skipped,
                 DeliveryOutcome::Skipped,
                 None,
+                None,
             )
             .await;
             return;
@@ -491,14 +548,31 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
         payload.as_ref(),
     );
     let body = request::body(upstream, &raw, payload.as_ref());
-    let url = request::url(upstream, payload.as_ref());
+    let mut url = request::url(upstream, payload.as_ref());
+    if let Some(api) = &conf.flashduty {
+        // The key joins the URL only here, on its way out: never stored, never logged.
+        url.query_pairs_mut().append_pair("app_key", &api.app_key);
+        pace.wait().await;
+    }
     let started = Instant::now();
-    let (outcome, description) = client::attempt(&conf.client, upstream, url, headers, body).await;
+    let sent = client::send(&conf.client, upstream, url, headers, body).await;
     let took = started.elapsed();
     lane.metrics.attempt_duration.observe(took.as_secs_f64());
+    let (outcome, description) = match (&sent, &conf.flashduty) {
+        (Err(why), _) => (AttemptOutcome::Transport(why.clone()), why.clone()),
+        (Ok(reply), Some(_)) => report::judge(
+            reply.status,
+            reply.retry_after,
+            &reply.head,
+            reply.request_id.as_deref(),
+        ),
+        (Ok(reply), None) => client::judge(reply),
+    };
 
     let status = match &outcome {
-        AttemptOutcome::Status { status, .. } => Some(*status),
+        AttemptOutcome::Status { status, .. } | AttemptOutcome::Declined { status, .. } => {
+            Some(*status)
+        }
         AttemptOutcome::Transport(_) => None,
     };
     let at_ms = now_ms();
@@ -557,7 +631,57 @@ async fn deliver(lane: &Lane, spool: &Spool, id: u64) {
     };
     let lag =
         (label == DeliveryOutcome::Delivered).then(|| at_ms.saturating_sub(record.accepted_ms));
-    record_finish(lane, spool, id, finish, label, lag).await;
+    let report = conf.report.as_deref().and_then(|plan| {
+        let outcome = match &finish {
+            Finish::Delivered { .. } => ReportOutcome::Delivered,
+            Finish::Dead { .. } => ReportOutcome::DeadLettered,
+            _ => return None,
+        };
+        let response = sent
+            .as_ref()
+            .map(|reply| report::response_text(&reply.head))
+            .unwrap_or_default();
+        let facts = Facts {
+            action: &lane.action,
+            upstream: &upstream.name,
+            outcome,
+            attempts: attempt,
+            status,
+            error: match &finish {
+                Finish::Dead { error, .. } => Some(error.as_str()),
+                _ => None,
+            },
+            response: &response,
+            lag: Duration::from_millis(at_ms.saturating_sub(record.accepted_ms)),
+        };
+        report_of(plan, &record, &raw, &facts)
+    });
+    record_finish(lane, spool, id, finish, label, lag, report).await;
+}
+
+/// The report of an outcome, if the action reports it and the payload names an incident
+/// Flashduty can comment on.
+fn report_of(
+    plan: &ReportPlan,
+    record: &DeliveryRecord,
+    raw: &[u8],
+    facts: &Facts,
+) -> Option<NewEvent> {
+    if !plan.plan.wants(facts.outcome) {
+        return None;
+    }
+    let event = plan.plan.event(&record.event_id, raw, facts);
+    if event.is_none() {
+        log::warn!(
+            target: "actiongate::delivery",
+            action = facts.action,
+            upstream = REPORT_UPSTREAM,
+            event_id = record.event_id.as_str();
+            "not reported: incident.incident_id is not a Flashduty incident id (24 hex characters)"
+        );
+        plan.metrics.delivery(DeliveryOutcome::Skipped);
+    }
+    event
 }
 
 async fn record_finish(
@@ -567,8 +691,9 @@ async fn record_finish(
     finish: Finish,
     outcome: DeliveryOutcome,
     lag_ms: Option<u64>,
+    report: Option<NewEvent>,
 ) {
-    match spool.finish(id, finish).await {
+    match spool.finish_reported(id, finish, report).await {
         Ok(()) => {
             lane.metrics.delivery(outcome);
             if let Some(lag) = lag_ms {

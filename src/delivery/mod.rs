@@ -8,6 +8,7 @@ pub mod client;
 pub mod dispatcher;
 pub mod path;
 pub mod projection;
+pub mod report;
 pub mod request;
 pub mod retry;
 pub mod schema;

@@ -35,6 +35,13 @@ pub enum AttemptOutcome {
     },
     /// No answer: connect error, reset, timeout, malformed response.
     Transport(String),
+    /// An answer whose body says the call failed, whatever its status (Flashduty's envelope
+    /// with an `error.code`), and whether that failure is worth another try.
+    Declined {
+        status: u16,
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// What to do with a delivery after an attempt.
@@ -64,6 +71,10 @@ impl RetryPolicy {
             }
             AttemptOutcome::Status { retry_after, .. } => *retry_after,
             AttemptOutcome::Transport(_) => None,
+            AttemptOutcome::Declined {
+                retryable: false, ..
+            } => return Decision::DeadLetter,
+            AttemptOutcome::Declined { retry_after, .. } => *retry_after,
         };
         if attempt >= self.attempts {
             return Decision::DeadLetter;
@@ -139,6 +150,22 @@ mod tests {
         for s in [301, 400, 401, 403, 404, 409, 410, 422] {
             assert_eq!(p.decide(1, &status(s), 0.5), Decision::DeadLetter, "{s}");
         }
+    }
+
+    #[test]
+    fn a_declined_answer_is_retried_only_when_worth_it() {
+        let p = RetryPolicy::default();
+        let declined = |retryable| AttemptOutcome::Declined {
+            status: 200,
+            retryable,
+            retry_after: None,
+        };
+        assert_eq!(p.decide(1, &declined(false), 0.5), Decision::DeadLetter);
+        assert!(matches!(
+            p.decide(1, &declined(true), 0.5),
+            Decision::Retry(_)
+        ));
+        assert_eq!(p.decide(8, &declined(true), 0.5), Decision::DeadLetter);
     }
 
     #[test]

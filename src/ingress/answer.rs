@@ -20,10 +20,12 @@ pub enum Outcome {
     RequestTimeout,
     Unavailable,
     UnknownAction,
+    /// One of the action's guards refused the push (`guard:`).
+    Guarded,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 13] = [
         Outcome::Accepted,
         Outcome::Duplicate,
         Outcome::ForbiddenSource,
@@ -36,6 +38,7 @@ impl Outcome {
         Outcome::RequestTimeout,
         Outcome::Unavailable,
         Outcome::UnknownAction,
+        Outcome::Guarded,
     ];
 
     pub fn label(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Outcome {
             Outcome::RequestTimeout => "request_timeout",
             Outcome::Unavailable => "unavailable",
             Outcome::UnknownAction => "unknown_action",
+            Outcome::Guarded => "guarded",
         }
     }
 
@@ -63,6 +67,7 @@ impl Outcome {
             Outcome::ForbiddenSource => 403,
             Outcome::UnknownAction => 404,
             Outcome::MethodNotAllowed => 405,
+            Outcome::Guarded => 409,
             Outcome::RequestTimeout => 408,
             Outcome::PayloadTooLarge => 413,
             Outcome::UnsupportedMediaType => 415,
@@ -142,6 +147,7 @@ mod tests {
         assert_eq!(Outcome::InvalidJson.status(), 400);
         assert_eq!(Outcome::RequestTimeout.status(), 408);
         assert_eq!(Outcome::UnsupportedMediaType.status(), 415);
+        assert_eq!(Outcome::Guarded.status(), 409);
     }
 
     #[test]

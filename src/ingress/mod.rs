@@ -4,6 +4,7 @@
 //! type, size, payload — and a request is stored only when every check passed. Each check is
 //! owned by a module of its own; this file only sequences them.
 
+pub mod admission;
 pub mod allowlist;
 pub mod answer;
 pub mod client_addr;
@@ -21,10 +22,11 @@ use bytes::{Bytes, BytesMut};
 use http::{header, Method};
 use pingora_core::protocols::http::ServerSession;
 
-use crate::config::{Action, Config, DriftPolicy, Limits};
+use crate::config::{Action, Config, DriftPolicy, Limits, ReportOutcome};
+use crate::delivery::report::{self, Facts};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{ActionMetrics, Metrics};
-use crate::spool::{Appended, NewEvent, Spool};
+use crate::spool::{now_ms, Appended, NewEvent, Spool};
 use allowlist::IpSet;
 use answer::{Answer, Outcome};
 use payload::{PayloadError, DRIFT_FIELDS};
@@ -59,6 +61,8 @@ struct Route {
     name: Arc<str>,
     upstreams: Vec<Arc<str>>,
     metrics: ActionMetrics,
+    /// Set when the action reports its guard refusals.
+    refusal_report: Option<report::Plan>,
 }
 
 impl Ingress {
@@ -79,7 +83,12 @@ impl Ingress {
                         .iter()
                         .map(|u| Arc::from(u.name.as_str()))
                         .collect(),
-                    metrics: metrics.for_action(&action.name),
+                    metrics: metrics.for_action(&action.name, action.guard.is_some()),
+                    refusal_report: action
+                        .report
+                        .as_ref()
+                        .filter(|r| action.guard.is_some() && r.wants(ReportOutcome::Guarded))
+                        .map(report::Plan::new),
                     action: action.clone(),
                 };
                 (action.path.clone(), route)
@@ -313,30 +322,44 @@ impl Ingress {
             Ok(Ok(body)) => body,
         };
 
-        let event_id = match payload::validate(&body, self.drift_policy) {
+        let valid = match payload::validate(&body, self.drift_policy) {
             Err(PayloadError::NotJson(why)) => {
                 return Answer::error(Outcome::InvalidJson, format!("body is not JSON: {why}"))
             }
             Err(PayloadError::Invalid(why)) => return Answer::error(Outcome::InvalidPayload, why),
-            Ok(valid) => {
-                for (field, value) in &valid.drift {
-                    self.schema_drift(*field, value);
-                }
-                valid.event_id.into_owned()
-            }
+            Ok(valid) => valid,
         };
+        for (field, value) in &valid.drift {
+            self.schema_drift(*field, value);
+        }
+        let event_id = valid.event_id.into_owned();
         seen.event_id = Some(event_id.clone());
+        let check = action
+            .guard
+            .as_ref()
+            .map(|g| guard::check(g, &valid.incident_id, valid.person));
 
         let event = NewEvent {
             action: route.name.clone(),
-            event_id,
-            body,
+            event_id: event_id.clone(),
+            body: body.clone(),
             upstreams: route.upstreams.clone(),
         };
-        let event_id = event.event_id.clone();
-        match self.spool.append(event).await {
+        let appended = match check {
+            Some(check) => self.spool.append_guarded(event, check).await,
+            None => self.spool.append(event).await,
+        };
+        match appended {
             Ok(Appended::Accepted(_)) => Answer::success(Outcome::Accepted, &event_id),
             Ok(Appended::Duplicate) => Answer::success(Outcome::Duplicate, &event_id),
+            Ok(Appended::Guarded(guarded)) => {
+                let message = guard::message(&action.name, guarded, now_ms());
+                if let Some(plan) = &route.refusal_report {
+                    self.report_refusal(route, plan, &event_id, &body, &message)
+                        .await;
+                }
+                Answer::error(Outcome::Guarded, message)
+            }
             Err(e) => {
                 log::error!(
                     "action={} event_id={event_id}: cannot store: {e}",
@@ -347,6 +370,44 @@ impl Ingress {
                     "cannot store the event right now; retry",
                 )
             }
+        }
+    }
+
+    /// Stores the report of a guard refusal before the refusal is answered, so that a crash
+    /// in between leaves Flashduty a failed push to send again rather than a refusal nobody
+    /// hears of. The refusal is answered whatever becomes of its report.
+    async fn report_refusal(
+        &self,
+        route: &Route,
+        plan: &report::Plan,
+        event_id: &str,
+        body: &[u8],
+        message: &str,
+    ) {
+        let facts = Facts {
+            action: &route.name,
+            upstream: "",
+            outcome: ReportOutcome::Guarded,
+            attempts: 0,
+            status: None,
+            error: Some(message),
+            response: "",
+            lag: std::time::Duration::ZERO,
+        };
+        let Some(report) = plan.event(event_id, body, &facts) else {
+            log::warn!(
+                action = route.name.as_ref(),
+                event_id = event_id;
+                "guard refusal not reported: incident.incident_id is not a Flashduty incident id (24 hex characters)"
+            );
+            return;
+        };
+        if let Err(e) = self.spool.append_refusal_report(report).await {
+            log::error!(
+                action = route.name.as_ref(),
+                event_id = event_id;
+                "cannot store the report of a guard refusal: {e}"
+            );
         }
     }
 

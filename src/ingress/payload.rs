@@ -41,6 +41,10 @@ pub const DRIFT_FIELDS: [&str; 9] = [
 #[derive(Debug)]
 pub struct Validated<'a> {
     pub event_id: Cow<'a, str>,
+    /// `incident.incident_id`: what guards and reports are about.
+    pub incident_id: Cow<'a, str>,
+    /// Whether `person` is set: someone pressed the button (an automation sends none).
+    pub person: bool,
     /// Unknown enum values seen: (index into [`DRIFT_FIELDS`], the value).
     pub drift: Vec<(usize, String)>,
 }
@@ -70,6 +74,8 @@ pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, Paylo
     let mut ctx = Ctx {
         policy,
         event_id: [None, None],
+        incident_id: None,
+        person: false,
         drift: Vec::new(),
         problem: None,
     };
@@ -107,6 +113,9 @@ pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, Paylo
     }
     Ok(Validated {
         event_id,
+        // Required by the schema: a payload that passed has it.
+        incident_id: ctx.incident_id.unwrap_or_default(),
+        person: ctx.person,
         drift: ctx.drift,
     })
 }
@@ -129,7 +138,6 @@ fn not_utf8(body: &[u8], valid_up_to: usize) -> PayloadError {
 #[derive(Debug)]
 enum Kind {
     Str,
-    NonEmptyStr,
     Int,
     Bool,
     Any,
@@ -137,6 +145,10 @@ enum Kind {
     EventType,
     /// A dedup key: slot 0 is the top level, slot 1 the legacy `incident.event_id`.
     EventId(usize),
+    /// `incident.incident_id`, kept: a required non-empty string.
+    IncidentId,
+    /// `person`, an object whose presence is kept.
+    Person,
     /// A documented enum: index into DRIFT_FIELDS, known values.
     Enum(usize, &'static [&'static str]),
     /// Fields sorted by name (a test checks it), looked up by binary search.
@@ -183,7 +195,7 @@ static ENVELOPE: Kind = Kind::Object(&[
     req("event_time", Kind::Int),
     req("event_type", Kind::EventType),
     req("incident", Kind::Object(INCIDENT)),
-    opt("person", Kind::Object(PERSON)),
+    opt("person", Kind::Person),
 ]);
 
 const EVENT_DETAIL: &[Field] = &[
@@ -290,7 +302,7 @@ const INCIDENT: &[Field] = &[
     opt("has_unfinished_work_item", Kind::Bool),
     opt("images", Kind::Array(&Kind::Object(IMAGE))),
     opt("impact", Kind::Str),
-    req("incident_id", Kind::NonEmptyStr),
+    req("incident_id", Kind::IncidentId),
     req("incident_severity", Kind::Enum(0, SEVERITY)),
     req("incident_status", Kind::Enum(1, STATUS)),
     opt("integration_id", Kind::Int),
@@ -321,12 +333,12 @@ impl Kind {
     fn expected(&self) -> &'static str {
         match self {
             Kind::Str | Kind::Enum(..) => "a string",
-            Kind::NonEmptyStr | Kind::EventId(_) => "a non-empty string",
+            Kind::EventId(_) | Kind::IncidentId => "a non-empty string",
             Kind::Int => "an integer",
             Kind::Bool => "a boolean",
             Kind::Any => "any value",
             Kind::EventType => "\"i_custom\"",
-            Kind::Object(_) | Kind::Map(_) => "an object",
+            Kind::Object(_) | Kind::Map(_) | Kind::Person => "an object",
             Kind::Array(_) => "an array",
         }
     }
@@ -369,6 +381,8 @@ impl fmt::Display for Problem {
 struct Ctx<'de> {
     policy: DriftPolicy,
     event_id: [Option<Cow<'de, str>>; 2],
+    incident_id: Option<Cow<'de, str>>,
+    person: bool,
     drift: Vec<(usize, String)>,
     problem: Option<Problem>,
 }
@@ -427,11 +441,11 @@ impl<'de> Seed<'_, 'de> {
     fn string<E: de::Error>(self, value: Cow<'de, str>) -> Result<(), E> {
         match self.kind {
             Kind::Str => Ok(()),
-            Kind::NonEmptyStr if value.is_empty() => match self.need {
-                Need::Optional => Ok(()),
-                Need::Required => Err(self.ctx.fail("must not be empty".into())),
-            },
-            Kind::NonEmptyStr => Ok(()),
+            Kind::IncidentId if value.is_empty() => Err(self.ctx.fail("must not be empty".into())),
+            Kind::IncidentId => {
+                self.ctx.incident_id = Some(value);
+                Ok(())
+            }
             Kind::EventType if value == "i_custom" => Ok(()),
             Kind::EventType => Err(self.ctx.fail(format!(
                 "expected \"i_custom\" (a custom action), got {value:?}"
@@ -511,7 +525,9 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         // Only strings with escapes arrive here; copy just the one we keep.
         let value = match self.kind {
-            Kind::EventId(_) | Kind::Enum(..) | Kind::EventType => Cow::Owned(v.to_string()),
+            Kind::EventId(_) | Kind::IncidentId | Kind::Enum(..) | Kind::EventType => {
+                Cow::Owned(v.to_string())
+            }
             _ => Cow::Borrowed(if v.is_empty() { "" } else { "x" }),
         };
         self.string(value)
@@ -552,8 +568,13 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        match self.kind {
-            Kind::Object(fields) => {
+        let fields = match self.kind {
+            Kind::Object(fields) => Some(*fields),
+            Kind::Person => Some(PERSON),
+            _ => None,
+        };
+        match (self.kind, fields) {
+            (_, Some(fields)) => {
                 let mut seen: u64 = 0;
                 let mut entries = 0usize;
                 while let Some(key) = map.next_key_seed(KeySeed)? {
@@ -575,6 +596,9 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
                 if entries == 0 && self.need == Need::Optional {
                     return Ok(());
                 }
+                if matches!(self.kind, Kind::Person) {
+                    self.ctx.person = true;
+                }
                 for (at, field) in fields.iter().enumerate() {
                     if field.need == Need::Required && seen & (1 << at) == 0 {
                         let error = self.ctx.fail("required field is missing".into());
@@ -583,7 +607,7 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
                 }
                 Ok(())
             }
-            Kind::Map(value) => {
+            (Kind::Map(value), None) => {
                 while let Some(key) = map.next_key_seed(KeySeed)? {
                     let seed = Seed {
                         kind: value,

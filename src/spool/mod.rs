@@ -20,6 +20,7 @@
 //! capped the gateway near 5,000 events/s on this machine; the log costs a few microseconds.
 //! See BENCHMARKS.md.
 
+mod guard;
 mod record;
 mod segment;
 mod state;
@@ -39,11 +40,12 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
+pub use guard::{GuardCheck, Guarded};
 pub use record::{lane_key, DeliveryRecord, Finish};
 pub use state::MAX_UPSTREAMS;
 use state::{Deltas, State};
 pub use writer::SEGMENT_BYTES;
-use writer::{Files, Op, Writer};
+use writer::{Admit, Files, Op, Settle, Writer};
 
 /// The largest event body stored: `limits.max_body` may not be set higher. Records are framed
 /// with u32 lengths, and a length past this bound is read as damage.
@@ -100,6 +102,8 @@ pub enum Appended {
     Accepted(u64),
     /// Already accepted within the dedup window: not stored again.
     Duplicate,
+    /// Refused by one of the action's guards: not stored.
+    Guarded(Guarded),
 }
 
 /// Whether commits wait for the disk.
@@ -650,12 +654,49 @@ impl Spool {
     /// Stores an event durably (returns after fsync) with one due delivery per upstream, unless
     /// (action, event_id) was accepted within the dedup window.
     pub async fn append(&self, event: NewEvent) -> Result<Appended, SpoolError> {
-        self.call(|reply| Op::Append(event, reply)).await
+        self.call(|reply| Op::Append(event, Admit::Push(None), reply))
+            .await
+    }
+
+    /// [`Spool::append`] for an action with guards: after the duplicate check, a push that a
+    /// guard refuses is not stored and the answer says which guard refused it.
+    pub async fn append_guarded(
+        &self,
+        event: NewEvent,
+        check: GuardCheck,
+    ) -> Result<Appended, SpoolError> {
+        self.call(|reply| Op::Append(event, Admit::Push(Some(check)), reply))
+            .await
+    }
+
+    /// Stores a report of a guard refusal for delivery to Flashduty, once per (action,
+    /// event_id) within the dedup window: a push that Flashduty sends again is refused again,
+    /// but reported once.
+    pub async fn append_refusal_report(&self, report: NewEvent) -> Result<Appended, SpoolError> {
+        self.call(|reply| Op::Append(report, Admit::Report { once: true }, reply))
+            .await
     }
 
     /// Records how a delivery attempt ended.
     pub async fn finish(&self, delivery: u64, finish: Finish) -> Result<(), SpoolError> {
-        self.call(|reply| Op::Finish(delivery, finish, reply)).await
+        self.finish_reported(delivery, finish, None).await
+    }
+
+    /// Records how a delivery attempt ended and, in the same write, the report of that outcome
+    /// as a new event for its own upstream: a crash keeps both or neither. Nothing is
+    /// reported when the delivery had already finished.
+    pub async fn finish_reported(
+        &self,
+        delivery: u64,
+        finish: Finish,
+        report: Option<NewEvent>,
+    ) -> Result<(), SpoolError> {
+        let settle = Settle {
+            id: delivery,
+            finish,
+            report,
+        };
+        self.call(|reply| Op::Finish(settle, reply)).await
     }
 
     /// Moves dead letters (all, or one) back to due with their attempt count reset.

@@ -13,6 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::state::{MAX_SEQ, MAX_UPSTREAMS};
+
 /// Bytes before a record's body: length and CRC.
 pub const HEADER: usize = 8;
 
@@ -451,12 +453,12 @@ fn decode(body: &[u8]) -> Option<Record> {
     let mut r = Reader { data: body, at: 1 };
     let record = Some(match *body.first()? {
         ACCEPT => {
-            let seq = r.u64()?;
+            let seq = r.u64().filter(|seq| *seq < MAX_SEQ)?;
             let accepted_ms = r.u64()?;
             let dedup_expires_ms = r.u64()?;
             let action = r.string()?;
             let event_id = r.string()?;
-            let n = r.u16()?;
+            let n = r.u16().filter(|n| usize::from(*n) <= MAX_UPSTREAMS)?;
             let upstreams = (0..n).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
             let body_len = r.u32()? as usize;
             let body_at = HEADER + r.at;
@@ -509,14 +511,18 @@ fn decode(body: &[u8]) -> Option<Record> {
             let first = r.u64()?;
             let bits = r.bytes()?;
             // A damaged `first` near u64::MAX would overflow below; no real sequence is there.
-            first.checked_add(bits.len() as u64 * 8)?;
+            first
+                .checked_add(bits.len() as u64 * 8)
+                .filter(|end| *end <= MAX_SEQ)?;
             let seqs = (0..bits.len() * 8)
                 .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
                 .map(|i| first + i as u64)
                 .collect();
             Record::Finished { seqs }
         }
-        SEQ => Record::Seq { next: r.u64()? },
+        SEQ => Record::Seq {
+            next: r.u64().filter(|next| *next <= MAX_SEQ)?,
+        },
         STATE => {
             let id = r.u64()?;
             let kind = match r.u16()? {
@@ -642,6 +648,51 @@ mod tests {
         let (got, result) = records(&buf);
         assert!(got.is_empty());
         assert!(result.unwrap_err().why.starts_with("undecodable record"));
+    }
+
+    /// Found by the fuzzer in CI: an `Accept` whose sequence number is u64::MAX overflowed
+    /// replay's `seq + 1`. Sequence numbers past [`MAX_SEQ`] (and `Seq` or `Finished` records
+    /// reaching past it, and more upstreams than a delivery id can name) are damage.
+    #[test]
+    fn sequence_numbers_past_the_last_one_are_damage_not_a_panic() {
+        let framed = |body: Vec<u8>| {
+            let mut buf = (body.len() as u32).to_le_bytes().to_vec();
+            buf.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+            buf.extend_from_slice(&body);
+            buf
+        };
+        let mut accept = Vec::new();
+        encode_accept(&mut accept, MAX_SEQ - 1, 0, 0, "a", "e", &["u"], b"{}");
+        assert_eq!(
+            records(&accept).0.len(),
+            1,
+            "the last sequence number is fine"
+        );
+        let mut accept = Vec::new();
+        encode_accept(&mut accept, u64::MAX, 0, 0, "a", "e", &["u"], b"{}");
+        let mut seq = vec![SEQ];
+        seq.extend_from_slice(&(MAX_SEQ + 1).to_le_bytes());
+        let mut finished = vec![FINISHED];
+        finished.extend_from_slice(&(MAX_SEQ - 4).to_le_bytes());
+        finished.extend_from_slice(&1u32.to_le_bytes());
+        finished.push(0x01);
+        let names: Vec<String> = (0..=MAX_UPSTREAMS).map(|i| format!("u{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut crowded = Vec::new();
+        encode_accept(&mut crowded, 1, 0, 0, "a", "e", &names, b"{}");
+        for (what, buf) in [
+            ("accept", accept),
+            ("seq", framed(seq)),
+            ("finished", framed(finished)),
+            ("upstreams", crowded),
+        ] {
+            let (got, result) = records(&buf);
+            assert!(got.is_empty(), "{what}");
+            assert!(
+                result.unwrap_err().why.starts_with("undecodable record"),
+                "{what}"
+            );
+        }
     }
 
     #[test]

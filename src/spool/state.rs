@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::guard::parse_rate_key;
 use super::record::{lane_key, DeliveryRecord};
 use super::segment::{AttemptKind, Record, Snapshot, StateKind};
 
@@ -64,6 +65,9 @@ pub struct State {
     dedup: HashMap<Arc<str>, DedupEntry>,
     /// Dedup keys in insertion order, for purging expired ones cheaply.
     dedup_order: VecDeque<(u64, Arc<str>)>,
+    /// Action → (expiry, seq) of its `max_per_hour` keys (see [`super::guard`]): an index of
+    /// some of the dedup keys, kept with them.
+    rates: HashMap<Arc<str>, BTreeSet<(u64, u64)>>,
     pub segments: BTreeMap<u64, SegmentInfo>,
     /// First sequence number accepted in a segment → that segment. Sequence numbers grow with
     /// the log, so this finds the segment holding any event's accept record, even after the
@@ -95,12 +99,19 @@ pub fn delivery_seq(id: u64) -> u64 {
     id >> 8
 }
 
+/// An action's upstreams fit the eight bits of a delivery id that name the upstream.
 pub const MAX_UPSTREAMS: usize = 256;
 
+/// Sequence numbers stay below this so that `seq << 8` keeps every bit (2^56 events is two
+/// thousand years at a million a second). The decoder refuses records past it as damage, so
+/// replay's arithmetic on sequence numbers never overflows.
+pub const MAX_SEQ: u64 = 1 << 56;
+
 impl State {
-    /// Whether (action, event_id) was accepted and its window has not passed.
+    /// Whether the key (of an event: (action, event_id)) was recorded and its window has not
+    /// passed.
     pub fn is_duplicate(&self, key: &str, now_ms: u64) -> bool {
-        self.dedup.get(key).is_some_and(|d| d.expires_ms > now_ms)
+        self.dedup_expiry(key, now_ms).is_some()
     }
 
     pub fn dedup_len(&self) -> usize {
@@ -137,11 +148,14 @@ impl State {
                     self.seq_starts.insert(seq, segment);
                 }
                 info.last_seq = info.last_seq.max(seq);
-                self.remember_dedup(
-                    Arc::from(dedup_key(&action, &event_id)),
-                    dedup_expires_ms,
-                    segment,
-                );
+                // A report (an event of the gateway's own) has no dedup key: 0.
+                if dedup_expires_ms > 0 {
+                    self.remember_dedup(
+                        Arc::from(dedup_key(&action, &event_id)),
+                        dedup_expires_ms,
+                        segment,
+                    );
+                }
                 for (index, upstream) in upstreams.into_iter().enumerate() {
                     let record = DeliveryRecord {
                         id: delivery_id(seq, index),
@@ -435,7 +449,30 @@ impl State {
         }
     }
 
+    /// When the unexpired `max_per_hour` keys of `action` expire, earliest first.
+    pub fn rate_expiries(&self, action: &str, now_ms: u64) -> Vec<u64> {
+        self.rates.get(action).map_or_else(Vec::new, |set| {
+            set.range((now_ms.saturating_add(1), 0)..)
+                .map(|(expires, _)| *expires)
+                .collect()
+        })
+    }
+
+    /// When an unexpired dedup key expires.
+    pub fn dedup_expiry(&self, key: &str, now_ms: u64) -> Option<u64> {
+        self.dedup
+            .get(key)
+            .map(|d| d.expires_ms)
+            .filter(|expires| *expires > now_ms)
+    }
+
     fn remember_dedup(&mut self, key: Arc<str>, expires_ms: u64, segment: u64) {
+        if let Some((action, seq)) = parse_rate_key(&key) {
+            self.rates
+                .entry(Arc::from(action))
+                .or_default()
+                .insert((expires_ms, seq));
+        }
         self.segments
             .entry(segment)
             .or_default()
@@ -466,6 +503,14 @@ impl State {
                     .is_some_and(|d| d.expires_ms == expires)
                 {
                     self.dedup.remove(&key);
+                    if let Some((action, seq)) = parse_rate_key(&key) {
+                        if let Some(set) = self.rates.get_mut(action) {
+                            set.remove(&(expires, seq));
+                            if set.is_empty() {
+                                self.rates.remove(action);
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -683,6 +683,7 @@ async fn random_history(seed: u64, steps: usize) {
                         model.accepted(seq, id);
                     }
                     Appended::Duplicate => assert!(repeat, "{id} is new, {at}"),
+                    Appended::Guarded(g) => panic!("{id} guarded without guards: {g:?}"),
                 }
             }
             30..=64 => {
@@ -1439,6 +1440,7 @@ async fn random_batched_history(seed: u64, steps: usize) {
             match t.await.unwrap() {
                 Appended::Accepted(seq) => model.accepted(seq, id),
                 Appended::Duplicate => panic!("{id} is new, {at}"),
+                Appended::Guarded(g) => panic!("{id} guarded without guards: {g:?}"),
             }
         }
         if rng.u32(0..10) == 0 {

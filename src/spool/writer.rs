@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+use super::guard::{self, GuardCheck, Guarded, HOUR_MS};
 use super::segment::{self, AttemptKind, Record};
 use super::state::{dedup_key, Deltas, State};
 use super::{now_ms, Appended, Commit, Finish, Inner, NewEvent, SpoolError};
@@ -50,10 +51,29 @@ type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
 
 /// A change for the writer, with where to send its result.
 pub enum Op {
-    Append(NewEvent, Reply<Appended>),
-    Finish(u64, Finish, Reply<()>),
+    Append(NewEvent, Admit, Reply<Appended>),
+    Finish(Settle, Reply<()>),
     Replay(Option<u64>, Reply<usize>),
     Purge(u64, Reply<bool>),
+}
+
+/// How an event is let in: what it is deduplicated on, and what guards it.
+pub enum Admit {
+    /// A push from Flashduty: once per (action, event_id) within the dedup window, then past
+    /// the action's guards, if it has any.
+    Push(Option<GuardCheck>),
+    /// A report the gateway files itself. `once`: at most one per (action, event_id) within
+    /// the dedup window (a guard refusal, which Flashduty may push again); otherwise no key (a
+    /// delivery's outcome, reported by the result that records it).
+    Report { once: bool },
+}
+
+/// How a delivery attempt ended, with the report of that outcome to file in the same batch,
+/// so that a crash cannot record the one without the other.
+pub struct Settle {
+    pub id: u64,
+    pub finish: Finish,
+    pub report: Option<NewEvent>,
 }
 
 impl Op {
@@ -68,7 +88,7 @@ impl Op {
 enum Done {
     Append(Reply<Appended>, Appended),
     /// Keeps its change, so that a result the disk refused can be written again later.
-    Finish(u64, Finish, Reply<()>),
+    Finish(Settle, Reply<()>),
     Replay(Reply<usize>, usize),
     Purge(Reply<bool>, bool),
 }
@@ -76,8 +96,8 @@ enum Done {
 impl Done {
     fn abandon(op: Op) -> Done {
         match op {
-            Op::Append(_, reply) => Done::Append(reply, Appended::Duplicate),
-            Op::Finish(id, finish, reply) => Done::Finish(id, finish, reply),
+            Op::Append(_, _, reply) => Done::Append(reply, Appended::Duplicate),
+            Op::Finish(settle, reply) => Done::Finish(settle, reply),
             Op::Replay(_, reply) => Done::Replay(reply, 0),
             Op::Purge(_, reply) => Done::Purge(reply, false),
         }
@@ -88,8 +108,8 @@ impl Done {
         match (self, failure) {
             (Done::Append(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Append(tx, v), None) => drop(tx.send(Ok(v))),
-            (Done::Finish(_, _, tx), Some(e)) => drop(tx.send(Err(e.clone()))),
-            (Done::Finish(_, _, tx), None) => drop(tx.send(Ok(()))),
+            (Done::Finish(_, tx), Some(e)) => drop(tx.send(Err(e.clone()))),
+            (Done::Finish(_, tx), None) => drop(tx.send(Ok(()))),
             (Done::Replay(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Replay(tx, v), None) => drop(tx.send(Ok(v))),
             (Done::Purge(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
@@ -129,6 +149,8 @@ impl Encoded {
 struct BatchView {
     next_seq: u64,
     keys: HashSet<String>,
+    /// Pushes of an action counted against `max_per_hour` in this batch.
+    rated: HashMap<String, usize>,
     dead_taken: HashSet<u64>,
     finished: HashSet<u64>,
 }
@@ -154,7 +176,7 @@ pub struct Writer {
     /// Since when results have been written without an fsync.
     pub(super) unsynced_since: Option<Instant>,
     /// Results that a full disk refused, written again before anything else.
-    pub(super) held: Vec<(u64, Finish, Reply<()>)>,
+    pub(super) held: Vec<(Settle, Reply<()>)>,
     /// Sealing failed (no space for a new segment): try again at the next maintenance, not
     /// after every batch.
     pub(super) seal_deferred: bool,
@@ -224,7 +246,7 @@ impl Writer {
     /// Writes a batch, then applies it and answers; or answers its failure.
     fn commit(&mut self, batch: Vec<Op>, work: &Notify) {
         if let Some(e) = self.inner.failure() {
-            let held = self.held.drain(..).map(|(id, f, r)| Op::Finish(id, f, r));
+            let held = self.held.drain(..).map(|(settle, r)| Op::Finish(settle, r));
             for op in held.chain(batch) {
                 Done::abandon(op).send(Some(&e));
             }
@@ -235,7 +257,7 @@ impl Writer {
         let ops: Vec<Op> = self
             .held
             .drain(..)
-            .map(|(id, f, r)| Op::Finish(id, f, r))
+            .map(|(settle, r)| Op::Finish(settle, r))
             .chain(batch)
             .collect();
         let (mut encoded, done, must_sync) = match self.inner.lock_state() {
@@ -269,7 +291,7 @@ impl Writer {
             Err(Fault::Full(e)) => {
                 for d in done {
                     match d {
-                        Done::Finish(id, finish, reply) => self.held.push((id, finish, reply)),
+                        Done::Finish(settle, reply) => self.held.push((settle, reply)),
                         other => other.send(Some(&e)),
                     }
                 }
@@ -316,46 +338,81 @@ impl Writer {
         out: &mut Encoded,
     ) -> Done {
         match op {
-            Op::Append(event, reply) => {
-                let key = dedup_key(&event.action, &event.event_id);
-                if state.is_duplicate(&key, now) || !view.keys.insert(key) {
-                    return Done::Append(reply, Appended::Duplicate);
+            Op::Append(event, admit, reply) => {
+                let key = match &admit {
+                    Admit::Push(_) => Some(dedup_key(&event.action, &event.event_id)),
+                    Admit::Report { once: true } => {
+                        Some(guard::report_key(&event.action, &event.event_id))
+                    }
+                    Admit::Report { once: false } => None,
+                };
+                if let Some(key) = &key {
+                    if state.is_duplicate(key, now) || view.keys.contains(key) {
+                        return Done::Append(reply, Appended::Duplicate);
+                    }
+                }
+                let check = match &admit {
+                    Admit::Push(Some(check)) => Some(check),
+                    _ => None,
+                };
+                if let Some(check) = check {
+                    if let Some(guarded) = self.guard(state, view, &event.action, check, now) {
+                        return Done::Append(reply, Appended::Guarded(guarded));
+                    }
                 }
                 let seq = view.next_seq;
                 view.next_seq += 1;
                 let expires = now.saturating_add(self.dedup_window_ms);
-                let start = out.buf.len();
-                let body_at = segment::encode_accept(
-                    &mut out.buf,
-                    seq,
-                    now,
-                    expires,
-                    &event.action,
-                    &event.event_id,
-                    &event.upstreams,
-                    &event.body,
-                );
-                out.records.push((
-                    start,
-                    Record::Accept {
-                        seq,
-                        accepted_ms: now,
-                        dedup_expires_ms: expires,
-                        action: event.action.to_string(),
-                        event_id: event.event_id,
-                        upstreams: event.upstreams.iter().map(|u| u.to_string()).collect(),
-                        body_at: body_at - start,
-                        body_len: event.body.len(),
-                    },
-                ));
+                // An event's own key rides in its accept record; a report has none there.
+                let event_expires = match &admit {
+                    Admit::Push(_) => expires,
+                    Admit::Report { .. } => 0,
+                };
+                encode_event(out, seq, now, event_expires, &event);
+                match (&admit, key) {
+                    (Admit::Push(_), Some(key)) => {
+                        view.keys.insert(key);
+                    }
+                    (Admit::Report { .. }, Some(key)) => {
+                        view.keys.insert(key.clone());
+                        out.add(Record::Dedup {
+                            key,
+                            expires_ms: expires,
+                        });
+                    }
+                    (_, None) => {}
+                }
+                if let Some(check) = check {
+                    if let Some((incident, window)) = &check.once_per_incident {
+                        let key = guard::once_key(&event.action, incident);
+                        view.keys.insert(key.clone());
+                        out.add(Record::Dedup {
+                            key,
+                            expires_ms: now.saturating_add(millis(*window)),
+                        });
+                    }
+                    if check.max_per_hour.is_some() {
+                        *view.rated.entry(event.action.to_string()).or_default() += 1;
+                        out.add(Record::Dedup {
+                            key: guard::rate_key(&event.action, seq),
+                            expires_ms: now.saturating_add(HOUR_MS),
+                        });
+                    }
+                }
                 Done::Append(reply, Appended::Accepted(seq))
             }
-            Op::Finish(id, finish, reply) => {
-                // Already finished (e.g. replayed and delivered twice): nothing to record.
-                if state.deliveries.contains_key(&id) && view.finished.insert(id) {
-                    out.add(attempt_record(id, &finish, now));
+            Op::Finish(settle, reply) => {
+                // Already finished (e.g. replayed and delivered twice): nothing to record, and
+                // nothing to report.
+                if state.deliveries.contains_key(&settle.id) && view.finished.insert(settle.id) {
+                    out.add(attempt_record(settle.id, &settle.finish, now));
+                    if let Some(report) = &settle.report {
+                        let seq = view.next_seq;
+                        view.next_seq += 1;
+                        encode_event(out, seq, now, 0, report);
+                    }
                 }
-                Done::Finish(id, finish, reply)
+                Done::Finish(settle, reply)
             }
             Op::Replay(id, reply) => {
                 let ids: Vec<u64> = match id {
@@ -379,6 +436,45 @@ impl Writer {
                 Done::Purge(reply, found)
             }
         }
+    }
+
+    /// Which guard, if any, refuses a push of `action` now. The order is the contract's:
+    /// `human_only`, `once_per_incident`, `max_per_hour`; the duplicate check came first.
+    fn guard(
+        &self,
+        state: &State,
+        view: &BatchView,
+        action: &str,
+        check: &GuardCheck,
+        now: u64,
+    ) -> Option<Guarded> {
+        if check.not_human {
+            return Some(Guarded::HumanOnly);
+        }
+        if let Some((incident, window)) = &check.once_per_incident {
+            let key = guard::once_key(action, incident);
+            if let Some(frees_ms) = state.dedup_expiry(&key, now) {
+                return Some(Guarded::OncePerIncident { frees_ms });
+            }
+            if view.keys.contains(&key) {
+                return Some(Guarded::OncePerIncident {
+                    frees_ms: now.saturating_add(millis(*window)),
+                });
+            }
+        }
+        if let Some(limit) = check.max_per_hour {
+            // Expiries of the runs in the last hour, earliest first; this batch's come last.
+            let mut runs = state.rate_expiries(action, now);
+            let batch = view.rated.get(action).copied().unwrap_or(0);
+            runs.extend(std::iter::repeat_n(now.saturating_add(HOUR_MS), batch));
+            let limit_runs = usize::try_from(limit).unwrap_or(usize::MAX);
+            if runs.len() >= limit_runs {
+                // Runs fall below the limit once the one at this index has expired.
+                let frees_ms = runs[runs.len() - limit_runs];
+                return Some(Guarded::MaxPerHour { limit, frees_ms });
+            }
+        }
+        None
     }
 
     /// Writes encoded records (with a commit record and an fsync when `sync`), then applies
@@ -469,7 +565,7 @@ impl Writer {
         self.inner.fail(&e);
         self.metrics.spool_refusing(SpoolRefusal::Failed, true);
         // Results held for space will never be written now: their deliveries stay due.
-        for (_, _, reply) in self.held.drain(..) {
+        for (_, reply) in self.held.drain(..) {
             let _ = reply.send(Err(e.clone()));
         }
         Fault::Failed(e)
@@ -610,6 +706,38 @@ impl Writer {
 }
 
 /// The log record of an attempt's result.
+/// Encodes the accept record of `event` as `seq`, with its dedup expiry (0: no key).
+fn encode_event(out: &mut Encoded, seq: u64, now: u64, dedup_expires_ms: u64, event: &NewEvent) {
+    let start = out.buf.len();
+    let body_at = segment::encode_accept(
+        &mut out.buf,
+        seq,
+        now,
+        dedup_expires_ms,
+        &event.action,
+        &event.event_id,
+        &event.upstreams,
+        &event.body,
+    );
+    out.records.push((
+        start,
+        Record::Accept {
+            seq,
+            accepted_ms: now,
+            dedup_expires_ms,
+            action: event.action.to_string(),
+            event_id: event.event_id.clone(),
+            upstreams: event.upstreams.iter().map(|u| u.to_string()).collect(),
+            body_at: body_at - start,
+            body_len: event.body.len(),
+        },
+    ));
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn attempt_record(id: u64, finish: &Finish, now: u64) -> Record {
     let (kind, at_ms, due_ms, status, error) = match finish {
         Finish::Delivered { at_ms, status } => (

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod flashduty;
 pub mod fs;
 pub mod gateway;
 pub mod tls;
