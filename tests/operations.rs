@@ -146,7 +146,7 @@ actions:
         "fallback.uri: unknown field `uri`, expected `url`\n\
          fallback: missing field `url`\n\
          actions[0].nme: unknown field `nme`, expected one of `name`, `path`, `allow`, `secret`, \
-         `upstreams`\n\
+         `upstreams`, `report`, `guard`\n\
          actions[0]: missing field `name`\n\
          actions[1].allow[1]: invalid type: integer `7`, expected a string\n\
          actions[1].secret: invalid type: integer `5`, expected a mapping of keys\n\
