@@ -18,6 +18,7 @@ const ENV: &[(&str, &str)] = &[
     ("DEPLOY_TOKEN", "deploy-token"),
     ("STATUS_SECRET", "s"),
     ("STATUSPAGE_TOKEN", "page-token"),
+    ("FLASHDUTY_APP_KEY", "fd-key"),
 ];
 
 fn root() -> PathBuf {
@@ -215,13 +216,15 @@ actions:
 #[test]
 fn the_check_can_run_offline_and_says_what_it_did_not_check() {
     let config = "conf/examples/rollback.yaml";
-    // rollback.yaml reads ${ROLLBACK_SECRET} and ${DEPLOY_TOKEN}; only the token may be set.
+    // rollback.yaml reads ${ROLLBACK_SECRET}, ${DEPLOY_TOKEN} and ${FLASHDUTY_APP_KEY}; only
+    // the key and the token may be set.
     let check = |flags: &[&str], deploy_token: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_actiongate"));
         command
             .args(["-c", config, "-t"])
             .args(flags)
             .current_dir(root())
+            .env("FLASHDUTY_APP_KEY", "k")
             .env_remove("ROLLBACK_SECRET")
             .env_remove("DEPLOY_TOKEN");
         if let Some(token) = deploy_token {
@@ -978,4 +981,144 @@ fn the_check_tries_the_spool_directory_as_the_gateway_would() {
     let (_dir, _, out) = check_config(&config(spool.to_str().unwrap()));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+}
+
+#[test]
+fn render_shows_the_comment_each_outcome_would_post() {
+    let payload = root().join("tests/fixtures/custom_action_full.json");
+    let report = |outcome: &str| {
+        actiongate(&[
+            "render",
+            "-c",
+            "conf/examples/restart-host.yaml",
+            "--action",
+            "restart-host",
+            "--upstream",
+            "restarter",
+            "--outcome",
+            outcome,
+            payload.to_str().unwrap(),
+        ])
+    };
+    let out = report("dead_lettered");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "POST https://api.flashcat.cloud/incident/comment?app_key=<flashduty.app_key>\n\
+         content-type: application/json\n\
+         \n\
+         {\"incident_ids\":[\"692701aa3c5e8f0012ab77c1\"],\"comment\":\"actiongate: \
+         restart-host FAILED at restarter after 3 attempts, 10m0s after the push (HTTP 503: \
+         Service Unavailable (after 3 attempts)); it is kept as a dead letter in actiongate, \
+         from where an operator can replay it\",\"mute_reply\":true}\n"
+    );
+    assert!(
+        text(&out.stderr).starts_with("note: example facts: attempts 3, status 503, lag 10m0s"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The key is never printed, not even by render.
+    assert!(!text(&out.stdout).contains("fd-key"));
+    let out = report("guarded");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "\"comment\":\"actiongate: restart-host was not run: restart-host already ran for \
+             this incident; it may run for it again in 10m0s (at "
+        ),
+        "{stdout}"
+    );
+    // The rollback example reports no guard refusals, and says so.
+    let out = actiongate(&[
+        "render",
+        "-c",
+        "conf/examples/rollback.yaml",
+        "--action",
+        "rollback",
+        "--upstream",
+        "deploy-api",
+        "--outcome",
+        "guarded",
+        payload.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "# report.on does not list guarded: nothing would be posted\n"
+    );
+    let out = report("exploded");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "--outcome \"exploded\": use delivered, dead_lettered or guarded\n"
+    );
+}
+
+#[test]
+fn the_check_explains_report_and_guard_mistakes() {
+    let action = "actions:\n  - name: act\n    path: /act\n";
+    let upstream = "    upstreams: [{name: u, url: \"http://10.0.0.5/\"}]\n";
+    let cases: &[(&str, &str)] = &[
+        (
+            "    report: {}\n",
+            "actions[0].report: needs the flashduty section (flashduty: {app_key: \
+             \"${FLASHDUTY_APP_KEY}\"})\n",
+        ),
+        (
+            "    report: {on: [delivered, exploded], comment: \"{{actiongate.outcom}}\"}\n",
+            "actions[0].report.on[1]: \"exploded\" is not an outcome (delivered, dead_lettered, \
+             guarded)\nactions[0].report.comment: actiongate.outcom is not a value of actiongate \
+             (known: actiongate.action, actiongate.upstream, actiongate.outcome, \
+             actiongate.attempts, actiongate.status, actiongate.error, actiongate.response, \
+             actiongate.lag)\n",
+        ),
+        (
+            "    report: {on: []}\n",
+            "actions[0].report.on: lists no outcome (delivered, dead_lettered, guarded); remove \
+             report to report nothing\n",
+        ),
+        (
+            "    guard: {once_per_incident: 0s, max_per_hour: 0}\n",
+            "actions[0].guard.once_per_incident: must be more than 0\n\
+             actions[0].guard.max_per_hour: must be at least 1 (to stop the action, remove it)\n",
+        ),
+    ];
+    for (with_flashduty, (extra, expected)) in cases.iter().enumerate() {
+        let flashduty = if with_flashduty > 0 {
+            "flashduty: {app_key: k, rate: 51}\n"
+        } else {
+            ""
+        };
+        let yaml =
+            format!("listen: [{{addr: \"127.0.0.1:1\"}}]\n{flashduty}{action}{extra}{upstream}");
+        let (_dir, _, out) = check_config(&yaml);
+        assert_eq!(out.status.code(), Some(1), "{yaml}");
+        let rate = if with_flashduty > 0 {
+            "flashduty.rate: must be 1 to 50 (Flashduty allows 50 calls a second)\n"
+        } else {
+            ""
+        };
+        assert_eq!(text(&out.stderr), format!("{rate}{expected}"), "{yaml}");
+    }
+    // An upstream named flashduty would share the reports' series and dead letters.
+    let yaml = format!(
+        "listen: [{{addr: \"127.0.0.1:1\"}}]\nflashduty: {{app_key: k}}\n{action}    report: {{}}\n    upstreams: [{{name: flashduty, url: \"http://10.0.0.5/\"}}]\n"
+    );
+    let (_dir, _, out) = check_config(&yaml);
+    assert_eq!(
+        text(&out.stderr),
+        "actions[0].report: reports are delivered as upstream \"flashduty\": rename the \
+         upstream of that name\n"
+    );
+    // Reporting refusals without a guard is allowed, and warned about.
+    let yaml = format!(
+        "listen: [{{addr: \"127.0.0.1:1\"}}]\nflashduty: {{app_key: k}}\n{action}    report: {{on: [guarded], comment: \"{{{{incident.titel}}}}\"}}\n{upstream}"
+    );
+    let (_dir, _, out) = check_config(&yaml);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "warning: actions[0].report.on: guarded is reported, but the action has no guard\n\
+         warning: actions[0].report.comment: incident.titel is not in Flashduty's custom-action \
+         payload; did you mean incident.title?\n"
+    );
 }

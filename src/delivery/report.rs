@@ -133,7 +133,9 @@ pub fn comment(report: &Report, payload: &Value, facts: &Facts) -> String {
                 _ => Map::new(),
             };
             values.insert("actiongate".into(), facts.value());
-            template.render_to_string(&Value::Object(values), &ValueMapping::default())
+            let text = template.render_to_string(&Value::Object(values), &ValueMapping::default());
+            // Values empty for this outcome (`error` of a delivery) leave no dangling space.
+            text.trim().to_string()
         }
         None => default_comment(facts),
     };
