@@ -1547,3 +1547,103 @@ async fn a_record_of_a_newer_version_refuses_to_start_and_is_not_repaired_away()
     assert!(repair(dir.path()).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), data, "nothing changed");
 }
+
+/// A report of an outcome, as the dispatcher files it.
+fn report_of(id: &str) -> NewEvent {
+    NewEvent {
+        action: Arc::from("a"),
+        event_id: id.to_string(),
+        body: Bytes::from_static(b"{\"comment\":\"done\"}"),
+        upstreams: vec![Arc::from("flashduty")],
+    }
+}
+
+/// Guard windows and reports over a long life: tiny segments that are sealed, carried and
+/// deleted all along, and restarts, against a model.
+/// Windows must neither be lost with their segment (a second restart of the host) nor be
+/// doubled by being carried (a limit reached too early); each report must exist exactly when
+/// the result it tells of does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_windows_and_reports_hold_over_many_segments_and_restarts() {
+    const LIMIT: u32 = 120;
+    let dir = fast_tempdir();
+    let mut rng = fastrand::Rng::with_seed(7);
+    let (mut spool, _) = open_small(dir.path(), 2048);
+    // Incidents that ran; accepted pushes; reports waiting.
+    let mut ran: HashSet<String> = HashSet::new();
+    let mut accepted = 0u32;
+    let mut pushed: Vec<(String, String)> = Vec::new();
+    let mut reports_pending = 0usize;
+    for step in 0..600 {
+        let at = format!("step {step}");
+        let repeat = !pushed.is_empty() && rng.u32(0..4) == 0;
+        let (id, incident) = if repeat {
+            pushed[rng.usize(0..pushed.len())].clone()
+        } else {
+            // Mostly new incidents, sometimes one that already ran.
+            let incident = format!("inc-{}", rng.u32(0..400));
+            (format!("e-{step}"), incident)
+        };
+        let check = GuardCheck {
+            not_human: false,
+            once_per_incident: Some((incident.clone(), Duration::from_secs(3600))),
+            max_per_hour: Some(LIMIT),
+        };
+        let got = spool.append_guarded(event(&id), check).await.unwrap();
+        let was_pushed = pushed.iter().any(|(p, _)| *p == id);
+        match got {
+            Appended::Accepted(_) => {
+                assert!(!was_pushed, "{id} accepted twice, {at}");
+                assert!(!ran.contains(&incident), "{incident} ran twice, {at}");
+                assert!(accepted < LIMIT, "past the hourly limit, {at}");
+                accepted += 1;
+                ran.insert(incident.clone());
+                pushed.push((id, incident));
+            }
+            Appended::Duplicate => assert!(was_pushed, "{id} is new, {at}"),
+            Appended::Guarded(Guarded::OncePerIncident { .. }) => {
+                assert!(ran.contains(&incident) && !was_pushed, "{at}")
+            }
+            Appended::Guarded(Guarded::MaxPerHour { limit, .. }) => {
+                assert_eq!(limit, LIMIT);
+                assert_eq!(accepted, LIMIT, "limited early, {at}");
+            }
+            Appended::Guarded(other) => panic!("{other:?}, {at}"),
+        }
+        // Finish what is due, reporting some outcomes; deliver the reports.
+        for lane in ["a/up1", "a/up2"] {
+            for delivery in spool.due(lane, u64::MAX, 3, &none()).unwrap() {
+                let report = (rng.u32(0..2) == 0).then(|| report_of(&format!("r-{delivery}")));
+                reports_pending += usize::from(report.is_some());
+                spool
+                    .finish_reported(delivery, delivered(), report)
+                    .await
+                    .unwrap();
+            }
+        }
+        if rng.u32(0..3) == 0 {
+            for delivery in spool.due("a/flashduty", u64::MAX, 2, &none()).unwrap() {
+                // A report's own result is never reported.
+                spool.finish(delivery, delivered()).await.unwrap();
+                reports_pending -= 1;
+            }
+        }
+        if step % 100 == 99 {
+            // What kill -9 leaves: the files as written (results need no fsync for that).
+            drop(spool);
+            spool = open_small(dir.path(), 2048).0;
+            let pending = spool.pending_lanes().unwrap();
+            assert_eq!(
+                pending.get("a/flashduty").copied().unwrap_or(0) as usize,
+                reports_pending,
+                "reports after the restart at {at}"
+            );
+        }
+    }
+    // The run went through many segments, most of them deleted (their keys carried).
+    let names = segments(dir.path());
+    let newest: u64 = names.last().unwrap()[4..14].parse().unwrap();
+    assert!(newest >= 50 && names.len() < 10, "{newest} {names:?}");
+    assert_eq!(accepted, LIMIT, "the run reached the hourly limit");
+    assert!(ran.len() as u32 == LIMIT);
+}

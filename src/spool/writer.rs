@@ -405,12 +405,16 @@ impl Writer {
                 // Already finished (e.g. replayed and delivered twice): nothing to record, and
                 // nothing to report.
                 if state.deliveries.contains_key(&settle.id) && view.finished.insert(settle.id) {
-                    out.add(attempt_record(settle.id, &settle.finish, now));
+                    // The report first: a write torn by a power cut keeps a prefix of the
+                    // batch, and a report without its result only makes the delivery (and a
+                    // second report) happen again, where a result without its report would
+                    // never tell the responder.
                     if let Some(report) = &settle.report {
                         let seq = view.next_seq;
                         view.next_seq += 1;
                         encode_event(out, seq, now, 0, report);
                     }
+                    out.add(attempt_record(settle.id, &settle.finish, now));
                 }
                 Done::Finish(settle, reply)
             }
