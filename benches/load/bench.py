@@ -9,7 +9,8 @@ BACKLOG (events for the backlog phase, default 100000; 0 skips it), RATE (reques
 paced phase, default 2000; 0 skips it), PACED_DURATION (its seconds per peer, default 10),
 EDGE (1: run the edge phase, 0 skips it), SLOW_REFUSED and SLOW_ALLOWED (slowloris
 connections from a refused and an allowed address, default 20000 and 2000), SLOW_RATE (new
-slowloris connections a second per address, default 1000).
+slowloris connections a second per address, default 1000), REPORTS (1: run the reports phase,
+0 skips it), REPORT_RATE (events a second of its latency run, default 20).
 
 Each peer is loaded twice: first paced at RATE (latency below saturation: what a sender at that
 rate would see), then flat out by 32 connections (throughput; its latency is mostly queueing,
@@ -23,6 +24,11 @@ The edge phase attacks from loopback aliases: slowloris from 127.0.0.3 (allowed 
 and 127.0.0.2 (allowed) during the paced load, against a gateway limited to 8,192 open files;
 a flood of new connections from an address no action allows, beside nginx `deny`; and the log
 bytes that refused requests cost.
+
+The reports phase (#14) measures what writing outcomes back onto incidents costs: actiongate's
+flat-out ack throughput with `report` off and on (twice each, alternating), and the comment
+latency (the upstream's 2xx to the comment's arrival at a stand-in of Flashduty's Open API) at
+REPORT_RATE events a second, below `flashduty.rate`.
 """
 
 import json
@@ -37,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +58,8 @@ SLOW_REFUSED = int(os.environ.get("SLOW_REFUSED", "20000"))
 SLOW_ALLOWED = int(os.environ.get("SLOW_ALLOWED", "2000"))
 RATE = int(os.environ.get("RATE", "2000"))
 PACED_DURATION = int(os.environ.get("PACED_DURATION", "10"))
+REPORTS = int(os.environ.get("REPORTS", "1"))
+REPORT_RATE = int(os.environ.get("REPORT_RATE", "20"))
 WORK = Path(tempfile.mkdtemp(prefix="actiongate-bench-"))
 
 
@@ -94,13 +103,14 @@ def children(pid):
         return []
 
 
-def wrk(url, duration=None, limit=0, delay_ms=0, **env_extra):
+def wrk(url, duration=None, limit=0, delay_ms=0, connections=None, **env_extra):
     """Loads url for `duration` s, or until each wrk thread has sent `limit` requests; with
     `delay_ms`, each connection pauses that long between requests. `env_extra` goes to
     payload.lua (SECRET, CLOSE)."""
     env = dict(os.environ, FIXTURES=str(ROOT / "tests" / "fixtures"), RUN_NONCE=f"{time.time_ns()}",
                LIMIT=str(limit), DELAY_MS=str(delay_ms), **env_extra)
-    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{duration or DURATION}s", "--latency",
+    connections = connections or CONNECTIONS
+    cmd = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{duration or DURATION}s", "--latency",
            "-s", str(HERE / "payload.lua"), url]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     result = {"raw": out, "delay_ms": delay_ms}
@@ -229,11 +239,12 @@ def main():
         finally:
             stop(proc)
         edge = edge_phase(sink_port, deny_port, nginx) if EDGE else None
+        reports = reports_phase(sink_port) if REPORTS else None
     finally:
         stop(nginx)
 
     backlog = backlog_phase() if BACKLOG else None
-    report(results, backlog, edge)
+    report(results, backlog, edge, reports)
 
 
 def measure_peer(command, path):
@@ -353,6 +364,121 @@ def edge_phase(sink_port, deny_port, nginx):
     return out
 
 
+class Recorder:
+    """One Python server playing both an upstream (`/sink`: when it answered each event) and
+    Flashduty's Open API (`/incident/comment`: when each comment arrived; the bench's comment
+    template is the event id), on one clock."""
+
+    def __init__(self):
+        self.answered, self.commented = {}, {}
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: with Nagle on, the second waits for the
+            # client's delayed ACK, and every answer would seem 40 ms late.
+            disable_nagle_algorithm = True
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path.startswith("/incident/comment"):
+                    comment = json.loads(body)["comment"]
+                    recorder.commented.setdefault(comment, time.monotonic())
+                    reply = b'{"request_id":"bench","data":null}'
+                else:
+                    recorder.answered.setdefault(self.headers.get("X-Actiongate-Event-Id"), time.monotonic())
+                    reply = b"ok"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def with_reports(api_port, comment=None):
+    """A config edit: report every delivery through the Open API stand-in, at Flashduty's
+    per-account limit."""
+    extra = f', comment: "{comment}"' if comment else ""
+    return lambda conf: (conf
+                         .replace("actions:\n", f'flashduty: {{app_key: bench-key, api: "http://127.0.0.1:{api_port}", rate: 50}}\nactions:\n', 1)
+                         .replace("    upstreams:\n", f"    report: {{on: [delivered, dead_lettered]{extra}}}\n    upstreams:\n", 1))
+
+
+def reports_phase(sink_port):
+    """Ack throughput with reports off and on, alternating, then the comment latency."""
+    out = {"off": [], "on": [], "pending_reports": []}
+    recorder = Recorder()
+    try:
+        for round_ in range(2):
+            for mode in ("off", "on"):
+                edit = with_reports(recorder.port) if mode == "on" else (lambda conf: conf)
+                proc, port, admin, _ = start_actiongate(f"reports-{mode}-{round_}", sink_port, edit)
+                try:
+                    r = wrk(f"http://127.0.0.1:{port}/actions/restart-host")
+                    out[mode].append(round(r["rps"]))
+                    if mode == "on":
+                        out["pending_reports"].append(int(metrics(admin).get(
+                            'actiongate_pending_deliveries{upstream="flashduty"}', 0)))
+                finally:
+                    stop(proc)
+        # Latency: each event's upstream answer, then its comment, below the pace.
+        recorder.answered.clear()
+        recorder.commented.clear()
+        proc, port, admin, _ = start_actiongate(
+            "reports-latency", recorder.port, with_reports(recorder.port, "{{event_id}}"))
+        try:
+            # One connection: evenly spaced events. Events that arrive together wait their
+            # turn at the pace (1 / rate apart), which is the pace working, not latency.
+            connections = 1
+            r = wrk(f"http://127.0.0.1:{port}/actions/restart-host", duration=DURATION,
+                    delay_ms=round(connections * 1000 / REPORT_RATE), connections=connections)
+            accepted = int(metrics(admin)['actiongate_requests_total{action="restart-host",outcome="accepted"}'])
+            started = time.monotonic()
+            while len(recorder.commented) < accepted and time.monotonic() - started < 60:
+                time.sleep(0.1)
+        finally:
+            stop(proc)
+        gaps = sorted((recorder.commented[i] - t) * 1000 for i, t in recorder.answered.items()
+                      if i in recorder.commented)
+        out["latency"] = {
+            "events": accepted, "rate": round(r["rps"], 1), "commented": len(gaps),
+            "p50_ms": round(gaps[len(gaps) // 2], 1) if gaps else None,
+            "p99_ms": round(gaps[min(len(gaps) - 1, len(gaps) * 99 // 100)], 1) if gaps else None,
+            "max_ms": round(gaps[-1], 1) if gaps else None,
+        }
+    finally:
+        recorder.close()
+    return out
+
+
+def reports_report(r):
+    off, on = sum(r["off"]) / len(r["off"]), sum(r["on"]) / len(r["on"])
+    lat = r["latency"]
+    return [
+        "",
+        f"Reports (#14): actiongate flat out ({DURATION} s each, alternating), `report` off: "
+        f"{', '.join(f'{v:,}' for v in r['off'])} req/s; on (a comment per delivery through a stand-in of "
+        f"the Open API at `rate: 50`): {', '.join(f'{v:,}' for v in r['on'])} req/s; on ÷ off "
+        f"{on / off:.2f}× (reports waiting for their turn at the end: "
+        f"{', '.join(f'{v:,}' for v in r['pending_reports'])}).",
+        "",
+        f"Comment latency at {lat['rate']} events/s (upstream's 2xx to the comment's arrival): "
+        f"{lat['commented']:,} of {lat['events']:,} commented, p50 {fmt(lat['p50_ms'])} ms, "
+        f"p99 {fmt(lat['p99_ms'])} ms, max {fmt(lat['max_ms'])} ms.",
+    ]
+
+
 def backlog_phase():
     sink_port = free_port()
     proc, port, admin, _ = start_actiongate(
@@ -396,7 +522,7 @@ def backlog_phase():
             stop(nginx)
 
 
-def report(results, backlog, edge):
+def report(results, backlog, edge, reports):
     ag = results["actiongate"]
     lines = [
         f"{CONNECTIONS} connections, wrk -t{WRK_THREADS}, {DURATION} s per peer, payloads 2.3 KB and 4.4 KB "
@@ -437,6 +563,8 @@ def report(results, backlog, edge):
         ]
     if edge:
         lines += edge_report(edge)
+    if reports:
+        lines += reports_report(reports)
     text = "\n".join(lines)
     print(text)
     out = HERE / "results"
@@ -445,6 +573,7 @@ def report(results, backlog, edge):
     data = {name: without_raw(r) for name, r in results.items()}
     data["backlog"] = backlog
     data["edge"] = edge
+    data["reports"] = reports
     (out / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     for name, r in results.items():
         if r["socket_errors"]:
