@@ -1,11 +1,16 @@
 //! Fuzz target: the template parser and renderer. The input is a template, a NUL byte, then
 //! a payload (a Flashduty fixture when that part is not JSON).
 //! Properties: never panics; a JSON body template always renders valid JSON, whatever the
-//! payload holds.
+//! payload holds; a report's comment (any template, any payload, any answer from the upstream)
+//! always makes an Open API body that is JSON with a comment of at most 1,024 characters.
 #![no_main]
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
+use actiongate::config::ReportOutcome;
+use actiongate::delivery::report::{self, Facts, MAX_COMMENT_CHARS};
 use actiongate::delivery::template::{Template, TextTemplate, ValueMapping};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -30,6 +35,25 @@ fuzz_target!(|data: &[u8]| {
 
     if let Ok(text) = TextTemplate::parse_text(template) {
         let _ = text.render_to_string(&payload, &mapping);
+        // The template's own text doubles as a hostile upstream answer and error.
+        for (i, outcome) in ReportOutcome::ALL.into_iter().enumerate() {
+            let facts = Facts {
+                action: "act",
+                upstream: "up",
+                outcome,
+                attempts: 3,
+                status: Some(503),
+                error: Some(template),
+                response: template,
+                lag: Duration::from_millis(1234),
+            };
+            let template = (i > 0).then_some(&text);
+            let comment = report::comment(template, &payload, &facts);
+            assert!(comment.chars().count() <= MAX_COMMENT_CHARS, "{comment}");
+            let body = report::request_body("0123456789abcdef01234567", &comment);
+            let parsed: Value = serde_json::from_slice(&body).expect("the body is JSON");
+            assert_eq!(parsed["comment"], Value::from(comment));
+        }
         let mut encoded = String::new();
         text.render_encoded(&payload, &mapping, &mut encoded, |v, out| {
             out.extend(url::form_urlencoded::byte_serialize(v.as_bytes()))

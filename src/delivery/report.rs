@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use super::path::FieldPath;
 use super::projection::Projection;
 use super::retry::AttemptOutcome;
-use super::template::ValueMapping;
+use super::template::{TextTemplate, ValueMapping};
 use crate::config::units::format_duration;
 use crate::config::{Report, ReportOutcome, REPORT_UPSTREAM};
 use crate::spool::NewEvent;
@@ -95,7 +95,7 @@ impl Plan {
     pub fn event(&self, event_id: &str, raw: &[u8], facts: &Facts) -> Option<NewEvent> {
         let payload = self.projection.parse(raw).ok()?;
         let incident = incident_id(&payload)?;
-        let comment = comment(&self.report, &payload, facts);
+        let comment = comment(self.report.comment.as_ref(), &payload, facts);
         Some(NewEvent {
             action: Arc::from(facts.action),
             event_id: event_id.to_string(),
@@ -125,8 +125,8 @@ pub fn is_incident_id(text: &str) -> bool {
 
 /// The comment for `facts`: the action's template against the payload and the facts, or the
 /// built-in sentence; cut to what Flashduty takes.
-pub fn comment(report: &Report, payload: &Value, facts: &Facts) -> String {
-    let text = match &report.comment {
+pub fn comment(template: Option<&TextTemplate>, payload: &Value, facts: &Facts) -> String {
+    let text = match template {
         Some(template) => {
             let mut values = match payload {
                 Value::Object(map) => map.clone(),
@@ -327,17 +327,9 @@ impl Pace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::template::TextTemplate;
 
-    fn report(comment: Option<&str>) -> Report {
-        let config = crate::config::Config::from_yaml(
-            "listen: [{addr: \"127.0.0.1:1\"}]\nflashduty: {app_key: k}\nactions: [{name: a, path: /a, report: {}, upstreams: [{name: u, url: \"http://127.0.0.1:1/\"}]}]",
-            &|_| None,
-        )
-        .unwrap();
-        let mut report = config.actions[0].report.clone().unwrap();
-        report.comment = comment.map(|c| TextTemplate::parse_text(c).unwrap());
-        report
+    fn report(comment: Option<&str>) -> Option<TextTemplate> {
+        comment.map(|c| TextTemplate::parse_text(c).unwrap())
     }
 
     fn facts(outcome: ReportOutcome) -> Facts<'static> {
@@ -358,10 +350,11 @@ mod tests {
         let payload =
             json!({"incident": {"incident_id": "0123456789abcdef01234567", "title": "disk"}});
         let text = comment(
-            &report(Some(
+            report(Some(
                 "{{incident.title}}: {{actiongate.upstream}} {{actiongate.outcome}} after \
                  {{actiongate.attempts}}, HTTP {{actiongate.status}} in {{actiongate.lag}}",
-            )),
+            ))
+            .as_ref(),
             &payload,
             &facts(ReportOutcome::DeadLettered),
         );
@@ -371,14 +364,18 @@ mod tests {
         );
         let mut quiet = facts(ReportOutcome::Delivered);
         quiet.status = None;
-        let text = comment(&report(Some("[{{actiongate.status}}]")), &payload, &quiet);
+        let text = comment(
+            report(Some("[{{actiongate.status}}]")).as_ref(),
+            &payload,
+            &quiet,
+        );
         assert_eq!(text, "[]");
     }
 
     #[test]
     fn the_default_comment_says_it_all_in_one_sentence() {
         let payload = json!({});
-        let dead = comment(&report(None), &payload, &facts(ReportOutcome::DeadLettered));
+        let dead = comment(None, &payload, &facts(ReportOutcome::DeadLettered));
         assert_eq!(
             dead,
             "actiongate: restart-host FAILED at host-agent after 3 attempts, 12.4s after the \
@@ -390,7 +387,7 @@ mod tests {
         ok.attempts = 1;
         ok.response = "restarted web-3";
         assert_eq!(
-            comment(&report(None), &payload, &ok),
+            comment(None, &payload, &ok),
             "actiongate: restart-host was delivered to host-agent (HTTP 200) after 1 attempt, \
              12.4s after the push; it answered: restarted web-3"
         );
@@ -401,7 +398,11 @@ mod tests {
         let mut long = facts(ReportOutcome::Delivered);
         let answer = "é".repeat(3000);
         long.response = &answer;
-        let text = comment(&report(Some("{{actiongate.response}}")), &json!({}), &long);
+        let text = comment(
+            report(Some("{{actiongate.response}}")).as_ref(),
+            &json!({}),
+            &long,
+        );
         assert_eq!(text.chars().count(), MAX_COMMENT_CHARS);
         assert!(text.ends_with('…'));
     }
