@@ -385,3 +385,55 @@ async fn a_graceful_upgrade_hands_listeners_and_spool_over_without_failing_a_req
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_reports_and_guards_on_and_off() {
+    let upstream = Upstream::ok().await;
+    let api = crate::support::flashduty::OpenApi::start("reload-key").await;
+    let plain = actions(&[("up", &upstream)], false);
+    let gateway = Gateway::start(&plain).await;
+    assert_eq!(post(&gateway, "/act", "plain-1").await.status, 200);
+
+    let closing = plain
+        .replace(
+            "actions:\n",
+            &format!(
+                "flashduty: {{app_key: reload-key, api: \"{}\"}}\nactions:\n",
+                api.api()
+            ),
+        )
+        .replace(
+            "upstreams: [",
+            "report: {}, guard: {once_per_incident: 10m}, upstreams: [",
+        );
+    gateway.rewrite_config(&closing);
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 1.0).await;
+    // plain-1 ran before the guard: only pushes from now on open the incident's window.
+    assert_eq!(post(&gateway, "/act", "closing-1").await.status, 200);
+    let second = post(&gateway, "/act", "closing-2").await;
+    assert_eq!(second.status, 409);
+    assert_eq!(second.json()["error"], "guarded");
+    let comments = api.wait_comments(1, Duration::from_secs(20)).await;
+    assert!(
+        comments[0]
+            .comment
+            .starts_with("actiongate: act was delivered to up"),
+        "{}",
+        comments[0].comment
+    );
+
+    gateway.rewrite_config(&plain);
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 2.0).await;
+    assert_eq!(post(&gateway, "/act", "plain-2").await.status, 200);
+    upstream.wait_for(3, Duration::from_secs(20)).await;
+    gateway
+        .wait_metric("actiongate_pending_deliveries{upstream=\"up\"}", 0.0)
+        .await;
+    assert_eq!(
+        event_ids(&upstream),
+        HashSet::from(["plain-1", "closing-1", "plain-2"].map(String::from))
+    );
+    assert_eq!(api.comments().len(), 1, "no report once report is gone");
+}
