@@ -129,6 +129,18 @@ pub(super) fn validate_api(raw: &RawFlashduty, check: &mut Check) -> Option<Flas
         if api.query().is_some() {
             check.fail("flashduty.api", "must have no query string");
         }
+        let loopback = match api.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name == "localhost",
+            None => false,
+        };
+        if api.scheme() != "https" && !loopback {
+            check.warnings.push(format!(
+                "flashduty.api: {api} is not https: the app_key would cross the network in \
+                 clear text"
+            ));
+        }
     }
     let rate = raw.rate.unwrap_or(20);
     if rate == 0 || rate > MAX_RATE {

@@ -52,6 +52,8 @@ pub struct Dispatcher {
     runtime: OnceLock<Handle>,
     /// The one pace of every Open API call (`flashduty.rate`).
     pace: Arc<Pace>,
+    /// Each reporting action's plan, for outcomes decided outside a lane (a sweep).
+    reports: Mutex<HashMap<String, Arc<ReportPlan>>>,
 }
 
 /// The background service that runs a [`Dispatcher`].
@@ -98,6 +100,7 @@ struct Lane {
 pub struct Prepared {
     lanes: Vec<(String, String, LaneConf)>,
     rate: Option<u32>,
+    reports: HashMap<String, Arc<ReportPlan>>,
 }
 
 impl Dispatcher {
@@ -116,6 +119,7 @@ impl Dispatcher {
             sweeping: Mutex::new(HashSet::new()),
             runtime: OnceLock::new(),
             pace: Arc::new(Pace::new(config.flashduty.as_ref().map_or(1, |f| f.rate))),
+            reports: Mutex::new(HashMap::new()),
         });
         let prepared = dispatcher.prepare(config)?;
         dispatcher.apply(prepared);
@@ -126,6 +130,7 @@ impl Dispatcher {
     /// built, e.g. an upstream's `ca_file` became unreadable.
     pub fn prepare(&self, config: &Config) -> Result<Prepared, String> {
         let mut lanes = Vec::new();
+        let mut reports = HashMap::new();
         let api = config.flashduty.clone().map(Arc::new);
         for action in &config.actions {
             let plan = action.report.as_ref().map(|report| {
@@ -134,6 +139,9 @@ impl Dispatcher {
                     metrics: self.metrics.for_upstream(&action.name, REPORT_UPSTREAM),
                 })
             });
+            if let Some(plan) = &plan {
+                reports.insert(action.name.clone(), plan.clone());
+            }
             if let (Some(plan), Some(api)) = (&plan, &api) {
                 let conf = LaneConf {
                     upstream: plan.plan.report.upstream.clone(),
@@ -164,6 +172,7 @@ impl Dispatcher {
         Ok(Prepared {
             lanes,
             rate: config.flashduty.as_ref().map(|f| f.rate),
+            reports,
         })
     }
 
@@ -174,6 +183,7 @@ impl Dispatcher {
         if let Some(rate) = prepared.rate {
             self.pace.set_rate(rate);
         }
+        *self.reports.lock().unwrap_or_else(|e| e.into_inner()) = prepared.reports;
         let mut lanes = self.lanes();
         let mut configured = HashSet::new();
         for (action, upstream, conf) in prepared.lanes {
@@ -330,16 +340,47 @@ impl Dispatcher {
                 log::warn!("{key} is configured again: its remaining deliveries stay due");
                 return;
             }
+            let error = format!("{key} is no longer configured");
+            let at_ms = now_ms();
+            let report = self.sweep_report(id, &error, at_ms);
             let finish = Finish::Dead {
-                at_ms: now_ms(),
-                error: format!("{key} is no longer configured"),
+                at_ms,
+                error,
                 status: None,
                 attempted: false,
             };
-            if let Err(e) = self.spool.finish(id, finish).await {
+            if let Err(e) = self.spool.finish_reported(id, finish, report).await {
                 log::error!("cannot dead-letter delivery {id}: {e}");
             }
         }
+    }
+}
+
+impl Dispatcher {
+    /// The report of a delivery dead-lettered by a sweep, if its action still reports
+    /// dead letters (a report's own lane is never reported).
+    fn sweep_report(&self, id: u64, error: &str, at_ms: u64) -> Option<NewEvent> {
+        let (record, raw) = self.spool.load(id).ok().flatten()?;
+        if record.upstream == REPORT_UPSTREAM {
+            return None;
+        }
+        let plan = self
+            .reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.action)
+            .cloned()?;
+        let facts = Facts {
+            action: &record.action,
+            upstream: &record.upstream,
+            outcome: ReportOutcome::DeadLettered,
+            attempts: record.attempts,
+            status: record.last_status,
+            error: Some(error),
+            response: "",
+            lag: Duration::from_millis(at_ms.saturating_sub(record.accepted_ms)),
+        };
+        report_of(&plan, &record, &raw, &facts)
     }
 }
 
@@ -646,7 +687,9 @@ async fn deliver(lane: &Lane, spool: &Spool, pace: &Pace, id: u64) {
             upstream: &upstream.name,
             outcome,
             attempts: attempt,
-            status,
+            // The last status seen: a final timeout after two 503s still says 503, as the
+            // dead letter does.
+            status: status.or(record.last_status),
             error: match &finish {
                 Finish::Dead { error, .. } => Some(error.as_str()),
                 _ => None,

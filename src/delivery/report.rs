@@ -280,17 +280,23 @@ pub fn judge(
     }
 }
 
-/// One pace for every Open API call of the process: calls spaced evenly at `rate` a second,
-/// so no second ever holds more than `rate` of them (Flashduty counts 50 a second per account,
-/// whichever process calls). Reports need no burst: they trail their outcomes anyway.
+/// Flashduty's other limit on the incident endpoints: calls in any minute, per account.
+pub const CALLS_PER_MINUTE: usize = 1000;
+
+/// One pace for every Open API call of the process: calls spaced evenly at `rate` a second, so
+/// no second ever holds more than `rate` of them, and never more than [`CALLS_PER_MINUTE`] in
+/// any minute (at the default 20 a second a backlog would reach 1,200). Flashduty counts per
+/// account, whichever process calls. Reports need no burst: they trail their outcomes anyway.
 pub struct Pace {
     state: std::sync::Mutex<PaceState>,
 }
 
 struct PaceState {
     rate: u32,
-    /// When the next call may go.
+    /// When the next call may go by the rate.
     next: Instant,
+    /// The turns given in the last minute (at most [`CALLS_PER_MINUTE`]), oldest first.
+    minute: std::collections::VecDeque<Instant>,
 }
 
 impl Pace {
@@ -299,6 +305,7 @@ impl Pace {
             state: std::sync::Mutex::new(PaceState {
                 rate: rate.max(1),
                 next: Instant::now(),
+                minute: std::collections::VecDeque::with_capacity(CALLS_PER_MINUTE),
             }),
         }
     }
@@ -316,7 +323,15 @@ impl Pace {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
-            let turn = state.next.max(Instant::now());
+            let mut turn = state.next.max(Instant::now());
+            if state.minute.len() >= CALLS_PER_MINUTE {
+                // Turns are handed out in order: the oldest of the last 1,000 must be a
+                // minute old before another may go.
+                if let Some(oldest) = state.minute.pop_front() {
+                    turn = turn.max(oldest + Duration::from_secs(60));
+                }
+            }
+            state.minute.push_back(turn);
             state.next = turn + Duration::from_secs(1) / state.rate;
             turn
         };
@@ -478,5 +493,20 @@ mod tests {
         pace.wait().await;
         pace.wait().await;
         assert_eq!(start.elapsed(), Duration::from_millis(2120));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pace_keeps_to_a_thousand_calls_a_minute_too() {
+        let pace = Pace::new(50);
+        let start = Instant::now();
+        for _ in 0..CALLS_PER_MINUTE {
+            pace.wait().await;
+        }
+        // 1,000 calls at 50 a second take 20 s; the next waits for the first to be a minute old.
+        assert_eq!(start.elapsed(), Duration::from_millis(19_980));
+        pace.wait().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+        pace.wait().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(60_020));
     }
 }

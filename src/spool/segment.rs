@@ -27,9 +27,12 @@ const COMMIT: u8 = 6;
 const SEQ: u8 = 7;
 const STATE: u8 = 8;
 const FINISHED: u8 = 9;
+/// An accepted event with dedup keys of its own (guard windows, a report's once-key), in one
+/// record so that a torn write keeps both or neither.
+const ACCEPT_KEYED: u8 = 10;
 /// The highest record type this version writes. A whole record of a higher type was written by
 /// a newer version: not damage, and not to be repaired away (it may record deliveries done).
-const LAST_KIND: u8 = FINISHED;
+const LAST_KIND: u8 = ACCEPT_KEYED;
 /// Why reading stops at a record of a newer version.
 pub const NEWER: &str = "a record type from a newer actiongate";
 
@@ -82,6 +85,9 @@ pub enum Record {
         action: String,
         event_id: String,
         upstreams: Vec<String>,
+        /// Dedup keys that stand or fall with the event (see [`super::guard`]), with when each
+        /// expires.
+        keys: Vec<(String, u64)>,
         /// Offset of the body from the start of the record, and its length.
         body_at: usize,
         body_len: usize,
@@ -182,6 +188,7 @@ impl<'b> Encoder<'b> {
 }
 
 /// Encodes an accepted event; returns the offset of its body within `buf`.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub fn encode_accept(
     buf: &mut Vec<u8>,
@@ -193,7 +200,39 @@ pub fn encode_accept(
     upstreams: &[impl AsRef<str>],
     body: &[u8],
 ) -> usize {
-    let mut e = Encoder::begin(buf, ACCEPT);
+    encode_accept_keyed(
+        buf,
+        seq,
+        accepted_ms,
+        dedup_expires_ms,
+        action,
+        event_id,
+        upstreams,
+        &[],
+        body,
+    )
+}
+
+/// [`encode_accept`] with dedup keys of the event's own; without any it is a plain `Accept`
+/// record, which every version reads.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_accept_keyed(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    accepted_ms: u64,
+    dedup_expires_ms: u64,
+    action: &str,
+    event_id: &str,
+    upstreams: &[impl AsRef<str>],
+    keys: &[(String, u64)],
+    body: &[u8],
+) -> usize {
+    let kind = if keys.is_empty() {
+        ACCEPT
+    } else {
+        ACCEPT_KEYED
+    };
+    let mut e = Encoder::begin(buf, kind);
     e.u64(seq)
         .u64(accepted_ms)
         .u64(dedup_expires_ms)
@@ -202,6 +241,12 @@ pub fn encode_accept(
     e.u16(upstreams.len() as u16);
     for upstream in upstreams {
         e.str(upstream.as_ref());
+    }
+    if !keys.is_empty() {
+        e.u16(keys.len() as u16);
+        for (key, expires_ms) in keys {
+            e.str(key).u64(*expires_ms);
+        }
     }
     e.bytes(body);
     let start = e.finish();
@@ -452,7 +497,7 @@ impl<'a> Reader<'a> {
 fn decode(body: &[u8]) -> Option<Record> {
     let mut r = Reader { data: body, at: 1 };
     let record = Some(match *body.first()? {
-        ACCEPT => {
+        kind @ (ACCEPT | ACCEPT_KEYED) => {
             let seq = r.u64().filter(|seq| *seq < MAX_SEQ)?;
             let accepted_ms = r.u64()?;
             let dedup_expires_ms = r.u64()?;
@@ -460,6 +505,14 @@ fn decode(body: &[u8]) -> Option<Record> {
             let event_id = r.string()?;
             let n = r.u16().filter(|n| usize::from(*n) <= MAX_UPSTREAMS)?;
             let upstreams = (0..n).map(|_| r.string()).collect::<Option<Vec<_>>>()?;
+            let keys = if kind == ACCEPT_KEYED {
+                let n = r.u16().filter(|n| *n > 0)?;
+                (0..n)
+                    .map(|_| Some((r.string()?, r.u64()?)))
+                    .collect::<Option<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
             let body_len = r.u32()? as usize;
             let body_at = HEADER + r.at;
             r.take(body_len)?;
@@ -470,6 +523,7 @@ fn decode(body: &[u8]) -> Option<Record> {
                 action,
                 event_id,
                 upstreams,
+                keys,
                 body_at,
                 body_len,
             }
@@ -648,6 +702,36 @@ mod tests {
         let (got, result) = records(&buf);
         assert!(got.is_empty());
         assert!(result.unwrap_err().why.starts_with("undecodable record"));
+    }
+
+    #[test]
+    fn an_accept_with_keys_of_its_own_is_one_record() {
+        let keys = vec![
+            ("\u{1f}once\u{1f}a\u{1f}i".to_string(), 7),
+            ("k2".to_string(), 9),
+        ];
+        let mut buf = Vec::new();
+        let body_at = encode_accept_keyed(&mut buf, 3, 1, 2, "a", "e", &["u"], &keys, b"{}");
+        let (got, result) = records(&buf);
+        assert_eq!(result, Ok(()));
+        let [(
+            0,
+            Record::Accept {
+                keys: read,
+                body_at: at,
+                body_len,
+                ..
+            },
+        )] = got.as_slice()
+        else {
+            panic!("{got:?}")
+        };
+        assert_eq!((read, *at, *body_len), (&keys, body_at, 2));
+        // Torn anywhere inside, none of it is read: neither the event nor its keys.
+        for cut in 1..buf.len() {
+            let (got, result) = records(&buf[..cut]);
+            assert!(got.is_empty() && result.is_err(), "cut at {cut}");
+        }
     }
 
     /// Found by the fuzzer in CI: an `Accept` whose sequence number is u64::MAX overflowed

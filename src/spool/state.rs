@@ -128,6 +128,7 @@ impl State {
                 action,
                 event_id,
                 upstreams,
+                keys,
                 body_at,
                 body_len,
             } => {
@@ -155,6 +156,9 @@ impl State {
                         dedup_expires_ms,
                         segment,
                     );
+                }
+                for (key, expires_ms) in keys {
+                    self.remember_dedup(Arc::from(key), expires_ms, segment);
                 }
                 for (index, upstream) in upstreams.into_iter().enumerate() {
                     let record = DeliveryRecord {

@@ -1647,3 +1647,66 @@ async fn guard_windows_and_reports_hold_over_many_segments_and_restarts() {
     assert_eq!(accepted, LIMIT, "the run reached the hourly limit");
     assert!(ran.len() as u32 == LIMIT);
 }
+
+/// Found by review: a guarded push's guard keys were records of their own after its accept
+/// record, so a write torn between them (a power cut before the fsync) kept the event and lost
+/// its window, and a second push for the incident ran the action again. Now they are one
+/// record: torn anywhere, the push is wholly there or wholly not (and was never answered).
+#[tokio::test]
+async fn a_torn_guarded_push_keeps_its_window_or_nothing_of_it() {
+    let check = |incident: &str| GuardCheck {
+        not_human: false,
+        once_per_incident: Some((incident.to_string(), Duration::from_secs(600))),
+        max_per_hour: Some(1),
+    };
+    let written = tempfile::tempdir().unwrap();
+    {
+        let (spool, _) = open(written.path());
+        let first = spool
+            .append_guarded(event("e1"), check("inc-1"))
+            .await
+            .unwrap();
+        assert!(matches!(first, Appended::Accepted(_)));
+    }
+    let name = segments(written.path())[0].clone();
+    let data = std::fs::read(written.path().join(&name)).unwrap();
+    // Where e1's record starts.
+    let mut record_start = None;
+    segment::read_segment(&data, |at, record| {
+        if matches!(record, segment::Record::Accept { .. }) {
+            record_start = Some(at);
+        }
+    })
+    .unwrap();
+    let record_start = record_start.unwrap();
+    for cut in (record_start + 1..data.len())
+        .step_by(7)
+        .chain([data.len()])
+    {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(&name), &data[..cut]).unwrap();
+        let (spool, _) = open(dir.path());
+        let whole = spool.counts().unwrap().events == 1;
+        let again = spool
+            .append_guarded(event("e1"), check("inc-1"))
+            .await
+            .unwrap();
+        let other = spool
+            .append_guarded(event("e2"), check("inc-1"))
+            .await
+            .unwrap();
+        if whole {
+            assert_eq!(again, Appended::Duplicate, "cut at {cut}");
+        } else {
+            // Never acknowledged: Flashduty's retry of e1 runs it, once.
+            assert!(
+                matches!(again, Appended::Accepted(_)),
+                "cut at {cut}: {again:?}"
+            );
+        }
+        assert!(
+            matches!(other, Appended::Guarded(Guarded::OncePerIncident { .. })),
+            "cut at {cut}: inc-1 would run twice: {other:?}"
+        );
+    }
+}

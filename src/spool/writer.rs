@@ -363,22 +363,21 @@ impl Writer {
                 let seq = view.next_seq;
                 view.next_seq += 1;
                 let expires = now.saturating_add(self.dedup_window_ms);
-                // An event's own key rides in its accept record; a report has none there.
-                let event_expires = match &admit {
-                    Admit::Push(_) => expires,
-                    Admit::Report { .. } => 0,
+                // An event's own key rides in its accept record (a report has none there); the
+                // keys that stand or fall with it are in the same record, so that a write torn
+                // by a power cut cannot keep the event and lose its guard window, or the other
+                // way round.
+                let (event_expires, mut keys) = match &admit {
+                    Admit::Push(_) => (expires, Vec::new()),
+                    Admit::Report { .. } => (0, Vec::new()),
                 };
-                encode_event(out, seq, now, event_expires, &event);
                 match (&admit, key) {
                     (Admit::Push(_), Some(key)) => {
                         view.keys.insert(key);
                     }
                     (Admit::Report { .. }, Some(key)) => {
                         view.keys.insert(key.clone());
-                        out.add(Record::Dedup {
-                            key,
-                            expires_ms: expires,
-                        });
+                        keys.push((key, expires));
                     }
                     (_, None) => {}
                 }
@@ -386,19 +385,17 @@ impl Writer {
                     if let Some((incident, window)) = &check.once_per_incident {
                         let key = guard::once_key(&event.action, incident);
                         view.keys.insert(key.clone());
-                        out.add(Record::Dedup {
-                            key,
-                            expires_ms: now.saturating_add(millis(*window)),
-                        });
+                        keys.push((key, now.saturating_add(millis(*window))));
                     }
                     if check.max_per_hour.is_some() {
                         *view.rated.entry(event.action.to_string()).or_default() += 1;
-                        out.add(Record::Dedup {
-                            key: guard::rate_key(&event.action, seq),
-                            expires_ms: now.saturating_add(HOUR_MS),
-                        });
+                        keys.push((
+                            guard::rate_key(&event.action, seq),
+                            now.saturating_add(HOUR_MS),
+                        ));
                     }
                 }
+                encode_event(out, seq, now, event_expires, &event, keys);
                 Done::Append(reply, Appended::Accepted(seq))
             }
             Op::Finish(settle, reply) => {
@@ -412,7 +409,7 @@ impl Writer {
                     if let Some(report) = &settle.report {
                         let seq = view.next_seq;
                         view.next_seq += 1;
-                        encode_event(out, seq, now, 0, report);
+                        encode_event(out, seq, now, 0, report, Vec::new());
                     }
                     out.add(attempt_record(settle.id, &settle.finish, now));
                 }
@@ -710,10 +707,18 @@ impl Writer {
 }
 
 /// The log record of an attempt's result.
-/// Encodes the accept record of `event` as `seq`, with its dedup expiry (0: no key).
-fn encode_event(out: &mut Encoded, seq: u64, now: u64, dedup_expires_ms: u64, event: &NewEvent) {
+/// Encodes the accept record of `event` as `seq`, with its dedup expiry (0: no key) and the
+/// keys that stand or fall with it.
+fn encode_event(
+    out: &mut Encoded,
+    seq: u64,
+    now: u64,
+    dedup_expires_ms: u64,
+    event: &NewEvent,
+    keys: Vec<(String, u64)>,
+) {
     let start = out.buf.len();
-    let body_at = segment::encode_accept(
+    let body_at = segment::encode_accept_keyed(
         &mut out.buf,
         seq,
         now,
@@ -721,6 +726,7 @@ fn encode_event(out: &mut Encoded, seq: u64, now: u64, dedup_expires_ms: u64, ev
         &event.action,
         &event.event_id,
         &event.upstreams,
+        &keys,
         &event.body,
     );
     out.records.push((
@@ -732,6 +738,7 @@ fn encode_event(out: &mut Encoded, seq: u64, now: u64, dedup_expires_ms: u64, ev
             action: event.action.to_string(),
             event_id: event.event_id.clone(),
             upstreams: event.upstreams.iter().map(|u| u.to_string()).collect(),
+            keys,
             body_at: body_at - start,
             body_len: event.body.len(),
         },

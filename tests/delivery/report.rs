@@ -308,6 +308,13 @@ async fn a_guard_refusal_is_answered_not_delivered_and_reported_once() {
         0.0
     );
     assert_eq!(api.comments().len(), 1, "delivered is not in report.on");
+    // Refused pushes were never accepted (stored), only the person's was.
+    assert_eq!(
+        gateway
+            .metric("actiongate_requests_total{action=\"act\",outcome=\"accepted\"}")
+            .await,
+        1.0
+    );
     let received = ok.received();
     assert_eq!(received.len(), 1, "the refused push reached the upstream");
     assert_eq!(

@@ -437,3 +437,46 @@ async fn a_reload_turns_reports_and_guards_on_and_off() {
     );
     assert_eq!(api.comments().len(), 1, "no report once report is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_drops_an_upstream_reports_what_it_dead_letters() {
+    // `down` refuses connections and backs off for a minute: its delivery waits in the spool.
+    let down_port = crate::support::free_port();
+    let up = Upstream::ok().await;
+    let api = crate::support::flashduty::OpenApi::start("sweep-key").await;
+    let head = format!(
+        "sources: {{local: [\"127.0.0.1/32\"]}}\nflashduty: {{app_key: sweep-key, api: \"{}\"}}\nactions:\n  - {{name: act, path: /act, allow: [local], report: {{on: [dead_lettered]}}, upstreams: [",
+        api.api()
+    );
+    let down = format!(
+        "{{name: down, url: \"http://127.0.0.1:{down_port}/\", retry: {{attempts: 5, backoff: 1m}}}}"
+    );
+    let keep = format!("{{name: up, url: \"{}\"}}", up.url("/"));
+    let gateway = Gateway::start(&format!("{head}{down}, {keep}]}}\n")).await;
+    assert_eq!(post(&gateway, "/act", "held").await.status, 200);
+    gateway
+        .wait_metric(
+            "actiongate_deliveries_total{action=\"act\",outcome=\"retried\",upstream=\"down\"}",
+            1.0,
+        )
+        .await;
+
+    gateway.rewrite_config(&format!("{head}{keep}]}}\n"));
+    gateway.signal("-HUP");
+    gateway.wait_metric(APPLIED, 1.0).await;
+    let comments = api.wait_comments(1, Duration::from_secs(20)).await;
+    assert!(
+        comments[0]
+            .comment
+            .starts_with("actiongate: act FAILED at down after 1 attempt, "),
+        "{}",
+        comments[0].comment
+    );
+    assert!(
+        comments[0]
+            .comment
+            .contains("(act/down is no longer configured)"),
+        "{}",
+        comments[0].comment
+    );
+}
