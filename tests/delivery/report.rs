@@ -45,9 +45,34 @@ async fn start(yaml: &str) -> Gateway {
     Gateway::start_with_env(yaml, &[("FD_KEY", KEY)]).await
 }
 
+/// The Open API stand-in, an upstream `agent` that answers 200, and the gateway reporting to
+/// the one and delivering to the other, with `report` and `guard` YAML (or empty).
+async fn with_agent(report: &str, guard: &str) -> (OpenApi, Upstream, Gateway) {
+    let api = OpenApi::start(KEY).await;
+    let ok = Upstream::ok().await;
+    let gateway = start(&config(
+        &api,
+        20,
+        report,
+        guard,
+        &[upstream("agent", &ok.url("/"))],
+    ))
+    .await;
+    (api, ok, gateway)
+}
+
 async fn push(gateway: &Gateway, body: &[u8]) -> (u16, Value) {
     let response = Request::post_json("/act", body).send(gateway.addr).await;
     (response.status, response.json())
+}
+
+/// Deliveries of `upstream` not yet done.
+async fn pending(gateway: &Gateway, upstream: &str) -> f64 {
+    gateway
+        .metric(&format!(
+            "actiongate_pending_deliveries{{upstream=\"{upstream}\"}}"
+        ))
+        .await
 }
 
 fn series(name: &str, upstream: &str, outcome: &str) -> String {
@@ -128,12 +153,7 @@ async fn each_outcome_is_commented_on_the_incident_after_it_happened() {
             2.0,
         )
         .await;
-    assert_eq!(
-        gateway
-            .metric("actiongate_pending_deliveries{upstream=\"flashduty\"}")
-            .await,
-        0.0
-    );
+    assert_eq!(pending(&gateway, "flashduty").await, 0.0);
     // Nothing left to report: exactly one comment per outcome. And the key is in no log line.
     assert_eq!(api.comments().len(), 2);
     assert!(!gateway.logs().contains(KEY), "the app_key was logged");
@@ -141,16 +161,7 @@ async fn each_outcome_is_commented_on_the_incident_after_it_happened() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_with_an_error_is_retried_or_dead_lettered_by_its_code() {
-    let api = OpenApi::start(KEY).await;
-    let ok = Upstream::ok().await;
-    let gateway = start(&config(
-        &api,
-        20,
-        "{on: [delivered]}",
-        "",
-        &[upstream("agent", &ok.url("/"))],
-    ))
-    .await;
+    let (api, ok, gateway) = with_agent("{on: [delivered]}", "").await;
     api.fail_next(&[
         Fail::Code("RequestTooFrequently"),
         Fail::Code("InternalError"),
@@ -220,17 +231,8 @@ async fn a_burst_of_reports_keeps_to_flashdutys_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_upstreams_2xx_and_the_comment_still_comments_after_restart() {
     // Flashduty cannot be reached while the action runs: the report waits in the spool.
-    let api = OpenApi::start(KEY).await;
+    let (api, ok, mut gateway) = with_agent("{}", "").await;
     let api_addr = api.upstream.addr;
-    let ok = Upstream::ok().await;
-    let mut gateway = start(&config(
-        &api,
-        20,
-        "{}",
-        "",
-        &[upstream("agent", &ok.url("/"))],
-    ))
-    .await;
     api.upstream.stop().await;
     push(&gateway, &event_with_id("e-crash")).await;
     ok.wait_for(1, WAIT).await;
@@ -259,16 +261,7 @@ async fn a_crash_between_the_upstreams_2xx_and_the_comment_still_comments_after_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guard_refusal_is_answered_not_delivered_and_reported_once() {
-    let api = OpenApi::start(KEY).await;
-    let ok = Upstream::ok().await;
-    let gateway = start(&config(
-        &api,
-        20,
-        "{on: [guarded]}",
-        "{human_only: true}",
-        &[upstream("agent", &ok.url("/"))],
-    ))
-    .await;
+    let (api, ok, gateway) = with_agent("{on: [guarded]}", "{human_only: true}").await;
     let (status, body) = push(&gateway, &without_person("e-bot")).await;
     assert_eq!(status, 409);
     assert_eq!(body["error"], "guarded");
@@ -301,12 +294,7 @@ async fn a_guard_refusal_is_answered_not_delivered_and_reported_once() {
         )
         .await;
     // The delivery's result is recorded, and with it any report: there is none to come.
-    assert_eq!(
-        gateway
-            .metric("actiongate_pending_deliveries{upstream=\"flashduty\"}")
-            .await,
-        0.0
-    );
+    assert_eq!(pending(&gateway, "flashduty").await, 0.0);
     assert_eq!(api.comments().len(), 1, "delivered is not in report.on");
     // Refused pushes were never accepted (stored), only the person's was.
     assert_eq!(
@@ -325,16 +313,7 @@ async fn a_guard_refusal_is_answered_not_delivered_and_reported_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_windows_hold_across_restarts_and_duplicates_are_answered_first() {
-    let api = OpenApi::start(KEY).await;
-    let ok = Upstream::ok().await;
-    let mut gateway = start(&config(
-        &api,
-        20,
-        "",
-        "{once_per_incident: 10m, max_per_hour: 3}",
-        &[upstream("agent", &ok.url("/"))],
-    ))
-    .await;
+    let (api, ok, mut gateway) = with_agent("", "{once_per_incident: 10m, max_per_hour: 3}").await;
     let (status, _) = push(&gateway, &event_with_id("e-first")).await;
     assert_eq!(status, 200);
     // The same push again is a duplicate, not a second run for the incident.
