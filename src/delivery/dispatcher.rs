@@ -342,7 +342,7 @@ impl Dispatcher {
             }
             let error = format!("{key} is no longer configured");
             let at_ms = now_ms();
-            let report = self.sweep_report(id, &error, at_ms);
+            let report = self.sweep_report(key, id, &error, at_ms);
             let finish = Finish::Dead {
                 at_ms,
                 error,
@@ -357,19 +357,28 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    /// The report of a delivery dead-lettered by a sweep, if its action still reports
-    /// dead letters (a report's own lane is never reported).
-    fn sweep_report(&self, id: u64, error: &str, at_ms: u64) -> Option<NewEvent> {
-        let (record, raw) = self.spool.load(id).ok().flatten()?;
-        if record.upstream == REPORT_UPSTREAM {
+    /// The report of a delivery of lane `key` dead-lettered by a sweep, if its action still
+    /// reports dead letters (a report's own lane is never reported).
+    fn sweep_report(&self, key: &str, id: u64, error: &str, at_ms: u64) -> Option<NewEvent> {
+        // Action names hold no `/`: the lane key is `action/upstream`.
+        let (action, upstream) = key.split_once('/')?;
+        if upstream == REPORT_UPSTREAM {
             return None;
         }
         let plan = self
             .reports
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&record.action)
+            .get(action)
+            .filter(|plan| plan.plan.wants(ReportOutcome::DeadLettered))
             .cloned()?;
+        let (record, raw) = match self.spool.load(id) {
+            Ok(found) => found?,
+            Err(e) => {
+                log::error!("{key}: cannot load delivery {id} to report its dead letter: {e}");
+                return None;
+            }
+        };
         let facts = Facts {
             action: &record.action,
             upstream: &record.upstream,

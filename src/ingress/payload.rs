@@ -23,6 +23,9 @@ use crate::config::DriftPolicy;
 
 /// Longest accepted `event_id`, in bytes: it is a dedup key, so it must stay small.
 pub const MAX_EVENT_ID: usize = 256;
+/// Longest accepted `incident.incident_id`, in bytes: a guard key holds it (Flashduty's are 24
+/// characters).
+pub const MAX_INCIDENT_ID: usize = 256;
 
 /// The documented enum fields, as `field` labels of `actiongate_schema_drift_total`.
 pub const DRIFT_FIELDS: [&str; 9] = [
@@ -442,6 +445,9 @@ impl<'de> Seed<'_, 'de> {
         match self.kind {
             Kind::Str => Ok(()),
             Kind::IncidentId if value.is_empty() => Err(self.ctx.fail("must not be empty".into())),
+            Kind::IncidentId if value.len() > MAX_INCIDENT_ID => Err(self
+                .ctx
+                .fail(format!("longer than {MAX_INCIDENT_ID} bytes"))),
             Kind::IncidentId => {
                 self.ctx.incident_id = Some(value);
                 Ok(())

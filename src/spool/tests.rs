@@ -1710,3 +1710,37 @@ async fn a_torn_guarded_push_keeps_its_window_or_nothing_of_it() {
         );
     }
 }
+
+/// Found by review: a guard key repeats the incident id, so a push near the largest body could
+/// make a record replay would read as damage, acknowledged and then blocking every start. The
+/// ingress bounds incident ids; the writer refuses such a record outright, writing nothing.
+#[tokio::test]
+async fn an_event_record_too_large_to_read_back_is_refused_not_written() {
+    let dir = fast_tempdir();
+    {
+        let (spool, _) = open(dir.path());
+        let mut huge = event("huge");
+        huge.body = Bytes::from(vec![b' '; MAX_BODY]);
+        let check = GuardCheck {
+            not_human: false,
+            once_per_incident: Some(("i".repeat(1 << 20), Duration::from_secs(60))),
+            max_per_hour: None,
+        };
+        let refused = spool.append_guarded(huge, check).await;
+        assert!(
+            matches!(refused, Err(SpoolError::Storage(_))),
+            "{refused:?}"
+        );
+        // The batch goes on: the next event is stored, and the spool stays writable.
+        assert!(matches!(
+            spool.append(event("after")).await.unwrap(),
+            Appended::Accepted(_)
+        ));
+    }
+    let (spool, _) = open(dir.path());
+    assert_eq!(spool.counts().unwrap().events, 1);
+    assert!(matches!(
+        spool.append(event("huge")).await.unwrap(),
+        Appended::Accepted(_)
+    ));
+}

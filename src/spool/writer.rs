@@ -87,6 +87,8 @@ impl Op {
 /// A result held until its batch is on disk.
 enum Done {
     Append(Reply<Appended>, Appended),
+    /// An event refused before anything was written.
+    Refused(Reply<Appended>, SpoolError),
     /// Keeps its change, so that a result the disk refused can be written again later.
     Finish(Settle, Reply<()>),
     Replay(Reply<usize>, usize),
@@ -108,6 +110,7 @@ impl Done {
         match (self, failure) {
             (Done::Append(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Append(tx, v), None) => drop(tx.send(Ok(v))),
+            (Done::Refused(tx, e), _) => drop(tx.send(Err(e))),
             (Done::Finish(_, tx), Some(e)) => drop(tx.send(Err(e.clone()))),
             (Done::Finish(_, tx), None) => drop(tx.send(Ok(()))),
             (Done::Replay(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
@@ -371,31 +374,47 @@ impl Writer {
                     Admit::Push(_) => (expires, Vec::new()),
                     Admit::Report { .. } => (0, Vec::new()),
                 };
-                match (&admit, key) {
-                    (Admit::Push(_), Some(key)) => {
-                        view.keys.insert(key);
-                    }
-                    (Admit::Report { .. }, Some(key)) => {
-                        view.keys.insert(key.clone());
-                        keys.push((key, expires));
-                    }
-                    (_, None) => {}
+                if let (Admit::Report { .. }, Some(key)) = (&admit, &key) {
+                    keys.push((key.clone(), expires));
                 }
                 if let Some(check) = check {
                     if let Some((incident, window)) = &check.once_per_incident {
-                        let key = guard::once_key(&event.action, incident);
-                        view.keys.insert(key.clone());
-                        keys.push((key, now.saturating_add(millis(*window))));
+                        keys.push((
+                            guard::once_key(&event.action, incident),
+                            now.saturating_add(millis(*window)),
+                        ));
                     }
                     if check.max_per_hour.is_some() {
-                        *view.rated.entry(event.action.to_string()).or_default() += 1;
                         keys.push((
                             guard::rate_key(&event.action, seq),
                             now.saturating_add(HOUR_MS),
                         ));
                     }
                 }
+                let start = out.buf.len();
                 encode_event(out, seq, now, event_expires, &event, keys);
+                if out.buf.len() - start > segment::HEADER + segment::MAX_RECORD {
+                    // Replay would read it as damage: refuse it rather than write a record
+                    // that keeps the spool from opening. (The ingress limits keep it from
+                    // happening: bodies, event ids and incident ids are bounded.)
+                    out.buf.truncate(start);
+                    out.records.pop();
+                    view.next_seq -= 1;
+                    return Done::Refused(
+                        reply,
+                        SpoolError::Storage("event record larger than the spool takes".into()),
+                    );
+                }
+                // Written: later changes of the batch see its keys.
+                if let Some(Record::Accept { keys, .. }) = out.records.last().map(|(_, r)| r) {
+                    view.keys.extend(keys.iter().map(|(key, _)| key.clone()));
+                }
+                if let Some(key) = key {
+                    view.keys.insert(key);
+                }
+                if check.is_some_and(|c| c.max_per_hour.is_some()) {
+                    *view.rated.entry(event.action.to_string()).or_default() += 1;
+                }
                 Done::Append(reply, Appended::Accepted(seq))
             }
             Op::Finish(settle, reply) => {

@@ -161,7 +161,7 @@ async fn each_outcome_is_commented_on_the_incident_after_it_happened() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200_with_an_error_is_retried_or_dead_lettered_by_its_code() {
-    let (api, ok, gateway) = with_agent("{on: [delivered]}", "").await;
+    let (api, _agent, gateway) = with_agent("{on: [delivered]}", "").await;
     api.fail_next(&[
         Fail::Code("RequestTooFrequently"),
         Fail::Code("InternalError"),

@@ -255,3 +255,23 @@ fn escaped_event_ids_and_oversized_ones() {
         matches!(refuse(body.as_bytes()), PayloadError::Invalid(m) if m.starts_with("event_id: longer"))
     );
 }
+
+#[test]
+fn incident_ids_are_kept_and_oversized_ones_refused() {
+    let valid = accept(FULL);
+    assert_eq!(valid.incident_id, "692701aa3c5e8f0012ab77c1");
+    assert!(valid.person);
+    let long = format!("\"{}\"", "i".repeat(MAX_INCIDENT_ID + 1));
+    assert_eq!(
+        refuse(&with_incident_field("incident_id", &long)),
+        PayloadError::Invalid(format!(
+            "incident.incident_id: longer than {MAX_INCIDENT_ID} bytes"
+        ))
+    );
+    let mut doc: serde_json::Value = serde_json::from_slice(FULL).unwrap();
+    doc["person"] = serde_json::json!({});
+    assert!(
+        !accept(&serde_json::to_vec(&doc).unwrap()).person,
+        "{{}} is not set"
+    );
+}
