@@ -1,8 +1,9 @@
 //! The request path: from a request on an action path to a durable, acknowledged event.
 //!
 //! Checks run in the contract's order — action, client address, secret, method, content
-//! type, size, payload — and a request is stored only when every check passed. Each check is
-//! owned by a module of its own; this file only sequences them.
+//! type, size, payload — and a request is stored only when every check passed. Then the spool
+//! answers duplicates and the action's guards ([`guard`]) in one step with the write. Each
+//! check is owned by a module of its own; this file only sequences them.
 
 pub mod admission;
 pub mod allowlist;
