@@ -16,7 +16,8 @@ use actiongate::delivery::template::{Template, ValueMapping};
 use actiongate::ingress::allowlist::IpSet;
 use actiongate::ingress::{client_addr, payload};
 use actiongate::metrics::Metrics;
-use actiongate::spool::{Commit, NewEvent, Spool};
+use actiongate::spool::{Commit, Spool};
+use actiongate::store::NewEvent;
 
 const FULL: &[u8] = include_bytes!("../tests/fixtures/custom_action_full.json");
 

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use actiongate::config::Config;
 use actiongate::metrics::Metrics;
-use actiongate::spool::{Commit, NewEvent, Spool};
+use actiongate::spool::{Commit, Spool};
+use actiongate::store::NewEvent;
 
 #[tokio::main]
 async fn main() {

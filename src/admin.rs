@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::ingress::secret;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::spool::{DeliveryRecord, Spool};
+use crate::store::{DeliveryRecord, Store};
 
 /// Most dead letters listed by one `GET /dead-letters` unless `?limit=` says otherwise.
 const DEFAULT_LIST_LIMIT: usize = 1_000;
@@ -32,7 +32,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 pub struct Admin {
     /// The configuration in force (reloads change `admin.token`).
     config: Arc<ArcSwap<Config>>,
-    spool: Spool,
+    store: Store,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     listeners: Vec<SocketAddr>,
@@ -44,14 +44,14 @@ impl Admin {
     /// The admin API over `spool`; `/readyz` also waits until `listeners` accept connections.
     pub fn new(
         config: Arc<ArcSwap<Config>>,
-        spool: Spool,
+        store: Store,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
         listeners: Vec<SocketAddr>,
     ) -> Admin {
         Admin {
             config,
-            spool,
+            store,
             metrics,
             lifecycle,
             listeners,
@@ -136,17 +136,12 @@ impl ServeHttp for Admin {
                         StatusCode::SERVICE_UNAVAILABLE,
                         json!({"status": "draining"}),
                     )
-                } else if let Some(e) = self.spool.failure() {
-                    // Events can no longer be stored: a load balancer should send them elsewhere.
+                } else if let Some(why) = self.store.not_ready() {
+                    // Events cannot be stored here now: a load balancer should send them
+                    // elsewhere. A full disk or an unreachable database passes by itself.
                     json_reply(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        json!({"status": "spool failed", "message": e.to_string()}),
-                    )
-                } else if let Some(e) = self.spool.full() {
-                    // Passes by itself: events are accepted again once a write succeeds.
-                    json_reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        json!({"status": "disk full", "message": e.to_string()}),
+                        json!({"status": why.status, "message": why.error.to_string()}),
                     )
                 } else if !self.listeners_up().await {
                     json_reply(
@@ -157,10 +152,10 @@ impl ServeHttp for Admin {
                     json_reply(StatusCode::OK, json!({"status": "ready"}))
                 }
             }
-            (&Method::GET, "/dead-letters") => self.list(&query),
+            (&Method::GET, "/dead-letters") => self.list(&query).await,
             (&Method::POST, "/dead-letters/replay") => match query_id(&query) {
                 Err(why) => error(StatusCode::BAD_REQUEST, "bad_request", &why),
-                Ok(id) => match self.spool.replay(id).await {
+                Ok(id) => match self.store.replay(id).await {
                     Ok(n) if id.is_some() && n == 0 => not_found(id),
                     Ok(n) => json_reply(StatusCode::OK, json!({"replayed": n})),
                     Err(e) => unavailable(&e.to_string()),
@@ -173,7 +168,7 @@ impl ServeHttp for Admin {
                     "bad_request",
                     "DELETE needs ?id=<dead letter id>",
                 ),
-                Ok(Some(id)) => match self.spool.purge(id).await {
+                Ok(Some(id)) => match self.store.purge(id).await {
                     Ok(true) => json_reply(StatusCode::OK, json!({"deleted": id})),
                     Ok(false) => not_found(Some(id)),
                     Err(e) => unavailable(&e.to_string()),
@@ -196,7 +191,7 @@ impl ServeHttp for Admin {
 }
 
 impl Admin {
-    fn list(&self, query: &str) -> Response<Vec<u8>> {
+    async fn list(&self, query: &str) -> Response<Vec<u8>> {
         // A limit that does not parse is a mistake to say, not a reason to list everything.
         let limit = match query_param(query, "limit").map(str::parse::<usize>) {
             None => DEFAULT_LIST_LIMIT,
@@ -210,7 +205,7 @@ impl Admin {
                 );
             }
         };
-        match self.spool.dead_letters(limit) {
+        match self.store.dead_letters(limit).await {
             Ok(records) => {
                 let items: Vec<Value> = records.iter().map(dead_letter_json).collect();
                 json_reply(StatusCode::OK, Value::Array(items))

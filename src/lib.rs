@@ -6,7 +6,8 @@
 //!
 //! - [`config`]: the YAML schema and its validation;
 //! - [`ingress`]: the request path, from headers to the 200;
-//! - [`spool`]: the durable store of events, due deliveries, dedup keys and dead letters;
+//! - [`store`]: where events, due deliveries, dedup keys and dead letters are kept, on the
+//!   gateway's own disk ([`spool`]) or in a PostgreSQL database a cluster shares;
 //! - [`delivery`]: the dispatcher, retry policy, outbound client, `when` rules and templates;
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/dead-letters`;
 //! - [`metrics`]: every metric; [`lifecycle`]: readiness and graceful shutdown;
@@ -27,6 +28,7 @@ pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod spool;
+pub mod store;
 pub mod tls;
 
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use ingress::Ingress;
 use lifecycle::{DrainOnSignal, Lifecycle};
 use metrics::Metrics;
 use spool::Spool;
+use store::{Postgres, Store};
 
 /// The actiongate module: everything an action request and its deliveries need.
 #[derive(Clone)]
@@ -53,13 +56,16 @@ pub struct ActionGate {
     /// The request path built from it. A request keeps the one it started with.
     ingress: Arc<ArcSwap<Ingress>>,
     dispatcher: Arc<Dispatcher>,
-    spool: Spool,
+    store: Store,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
 }
 
+/// How long a starting instance waits for a read-write database server before it gives up.
+const DATABASE_WAIT: Duration = Duration::from_secs(10);
+
 impl ActionGate {
-    /// Opens the spool and prepares the request path. Fails if the spool cannot be opened.
+    /// Opens the store and prepares the request path. Fails if the store cannot be opened.
     pub fn new(config: Config) -> Result<ActionGate, String> {
         ActionGate::open(config, Duration::ZERO)
     }
@@ -68,23 +74,37 @@ impl ActionGate {
     /// spool (the old process of a graceful upgrade).
     pub fn open(config: Config, spool_wait: Duration) -> Result<ActionGate, String> {
         let metrics = Arc::new(Metrics::new(&config));
-        let spool = Spool::open_after(
-            &config.spool_path,
-            config.dedup_window,
-            metrics.clone(),
-            spool_wait,
-            config.spool_segment_size,
-        )
-        .map_err(|e| format!("spool.path: {e}"))?;
+        let store = match &config.postgres {
+            None => Store::Local(
+                Spool::open_after(
+                    &config.spool_path,
+                    config.dedup_window,
+                    metrics.clone(),
+                    spool_wait,
+                    config.spool_segment_size,
+                )
+                .map_err(|e| format!("spool.path: {e}"))?,
+            ),
+            Some(pg) => Store::Postgres(
+                Postgres::open(
+                    &pg.url,
+                    pg.pool,
+                    config.dedup_window,
+                    metrics.clone(),
+                    DATABASE_WAIT,
+                )
+                .map_err(|e| format!("spool.postgres: {e}"))?,
+            ),
+        };
         let lifecycle = Lifecycle::new();
-        let ingress = Ingress::new(&config, spool.clone(), metrics.clone(), lifecycle.clone());
+        let ingress = Ingress::new(&config, store.clone(), metrics.clone(), lifecycle.clone());
         let dispatcher =
-            Dispatcher::new(&config, spool.clone(), metrics.clone(), lifecycle.clone())?;
+            Dispatcher::new(&config, store.clone(), metrics.clone(), lifecycle.clone())?;
         Ok(ActionGate {
             config: Arc::new(ArcSwap::from_pointee(config)),
             ingress: Arc::new(ArcSwap::from_pointee(ingress)),
             dispatcher,
-            spool,
+            store,
             metrics,
             lifecycle,
         })
@@ -118,7 +138,7 @@ impl ActionGate {
         let retired = self.dispatcher.apply(prepared);
         let ingress = Ingress::new(
             &config,
-            self.spool.clone(),
+            self.store.clone(),
             self.metrics.clone(),
             self.lifecycle.clone(),
         );
@@ -154,7 +174,7 @@ impl ActionGate {
             "actiongate admin".to_string(),
             admin::Admin::new(
                 self.config.clone(),
-                self.spool.clone(),
+                self.store.clone(),
                 self.metrics.clone(),
                 self.lifecycle.clone(),
                 config.listen.iter().map(|l| l.addr).collect(),
@@ -177,8 +197,8 @@ impl ActionGate {
         self.config.load_full()
     }
 
-    pub fn spool(&self) -> &Spool {
-        &self.spool
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

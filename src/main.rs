@@ -16,7 +16,7 @@ use actiongate::delivery::report::{self, Facts};
 use actiongate::delivery::request;
 use actiongate::ingress::{guard, payload};
 use actiongate::server::{Gateway, Mode};
-use actiongate::spool::Guarded;
+use actiongate::store::Guarded;
 
 /// jemalloc, as Pingora's own deployments use: glibc's malloc cost the dispatcher ~16 % of its
 /// CPU (consolidating freed 4 KB payload buffers). Measured with it: 92-99 -> 77 us of
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.test {
-        if !cli.offline {
+        if !cli.offline && config.postgres.is_none() {
             if let Err(why) = actiongate::spool::check_dir(&config.spool_path) {
                 eprintln!("spool.path: {why}");
                 return ExitCode::from(1);
@@ -123,7 +123,12 @@ fn main() -> ExitCode {
             eprintln!("warning: {warning}");
         }
         if cli.offline {
-            let mut unchecked = vec!["spool.path".to_string()];
+            let store = if config.postgres.is_some() {
+                "spool.postgres"
+            } else {
+                "spool.path"
+            };
+            let mut unchecked = vec![store.to_string()];
             unchecked.extend(unset.into_inner().into_iter().map(|n| format!("${{{n}}}")));
             println!(
                 "{}: ok; not checked (offline): {}",
@@ -136,6 +141,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if cli.repair_spool {
+        if config.postgres.is_some() {
+            eprintln!(
+                "--repair-spool repairs a local spool; this config keeps its state in \
+                 PostgreSQL (spool.postgres), whose own recovery applies"
+            );
+            return ExitCode::from(1);
+        }
         return repair_spool(&config.spool_path);
     }
     actiongate::logging::init(config.log.format, &config.log.level);
@@ -156,7 +168,10 @@ fn main() -> ExitCode {
         path.display(),
         listening.join(" "),
         config.admin,
-        config.spool_path.display()
+        match &config.postgres {
+            Some(pg) => format!("on PostgreSQL (pool {})", pg.pool),
+            None => config.spool_path.display().to_string(),
+        }
     );
     let mode = Mode {
         daemon: cli.daemon,
@@ -304,7 +319,7 @@ fn render_report(
     }
     let attempts = upstream.retry.attempts;
     let guard_message = action.guard.as_ref().map(|g| {
-        let now = actiongate::spool::now_ms();
+        let now = actiongate::store::now_ms();
         let refused = match (g.once_per_incident, g.max_per_hour) {
             (Some(window), _) => Guarded::OncePerIncident {
                 frees_ms: now + u64::try_from(window.as_millis()).unwrap_or(0),

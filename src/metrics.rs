@@ -100,15 +100,22 @@ pub enum SpoolRefusal {
     DiskFull,
     /// A write or fsync failed; needs a restart.
     Failed,
+    /// Cluster mode: the database is unreachable or read-only; passes by itself.
+    DatabaseUnavailable,
 }
 
 impl SpoolRefusal {
-    const ALL: [SpoolRefusal; 2] = [SpoolRefusal::DiskFull, SpoolRefusal::Failed];
+    const ALL: [SpoolRefusal; 3] = [
+        SpoolRefusal::DiskFull,
+        SpoolRefusal::Failed,
+        SpoolRefusal::DatabaseUnavailable,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             SpoolRefusal::DiskFull => "disk_full",
             SpoolRefusal::Failed => "failed",
+            SpoolRefusal::DatabaseUnavailable => "database_unavailable",
         }
     }
 }

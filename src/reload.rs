@@ -101,6 +101,8 @@ fn keep_process_settings(running: &Config, mut new: Config) -> (Config, Vec<&'st
     new.admin = running.admin;
     note("spool.path", running.spool_path != new.spool_path);
     new.spool_path = running.spool_path.clone();
+    note("spool.postgres", running.postgres != new.postgres);
+    new.postgres = running.postgres.clone();
     note(
         "spool.segment_size",
         running.spool_segment_size != new.spool_segment_size,

@@ -10,7 +10,8 @@ paced phase, default 2000; 0 skips it), PACED_DURATION (its seconds per peer, de
 EDGE (1: run the edge phase, 0 skips it), SLOW_REFUSED and SLOW_ALLOWED (slowloris
 connections from a refused and an allowed address, default 20000 and 2000), SLOW_RATE (new
 slowloris connections a second per address, default 1000), REPORTS (1: run the reports phase,
-0 skips it), REPORT_RATE (events a second of its latency run, default 20).
+0 skips it), REPORT_RATE (events a second of its latency run, default 20), CLUSTER (1: run the cluster
+phase, 0 skips it), CLUSTER_BACKLOG (events of its drain, default 20000).
 
 Each peer is loaded twice: first paced at RATE (latency below saturation: what a sender at that
 rate would see), then flat out by 32 connections (throughput; its latency is mostly queueing,
@@ -29,6 +30,11 @@ The reports phase (#14) measures what writing outcomes back onto incidents costs
 flat-out ack throughput with `report` off and on (twice each, alternating), and the comment
 latency (the upstream's 2xx to the comment's arrival at a stand-in of Flashduty's Open API) at
 REPORT_RATE events a second, below `flashduty.rate`.
+
+The cluster phase (#15) runs actiongate on the local spool, on a PostgreSQL server on loopback,
+and on that server with a synchronous standby (also on loopback), paced and flat out, one after
+another; then fills the database with CLUSTER_BACKLOG dead letters, replays them, and times the
+drain by one instance and by two.
 """
 
 import json
@@ -60,6 +66,8 @@ RATE = int(os.environ.get("RATE", "2000"))
 PACED_DURATION = int(os.environ.get("PACED_DURATION", "10"))
 REPORTS = int(os.environ.get("REPORTS", "1"))
 REPORT_RATE = int(os.environ.get("REPORT_RATE", "20"))
+CLUSTER = int(os.environ.get("CLUSTER", "1"))
+CLUSTER_BACKLOG = int(os.environ.get("CLUSTER_BACKLOG", "20000"))
 WORK = Path(tempfile.mkdtemp(prefix="actiongate-bench-"))
 
 
@@ -240,11 +248,12 @@ def main():
             stop(proc)
         edge = edge_phase(sink_port, deny_port, nginx) if EDGE else None
         reports = reports_phase(sink_port) if REPORTS else None
+        cluster = cluster_phase(sink_port) if CLUSTER else None
     finally:
         stop(nginx)
 
     backlog = backlog_phase() if BACKLOG else None
-    report(results, backlog, edge, reports)
+    report(results, backlog, edge, reports, cluster)
 
 
 def measure_peer(command, path):
@@ -522,7 +531,167 @@ def backlog_phase():
             stop(nginx)
 
 
-def report(results, backlog, edge, reports):
+class Postgres:
+    """A throwaway PostgreSQL server (Debian's, as the `postgres` user) on a loopback port; a
+    standby of `primary` when given, which the primary then waits for at every commit."""
+
+    def __init__(self, primary=None):
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+        if not bins:
+            raise SystemExit("PostgreSQL is missing: run `bash scripts/setup`")
+        self.bin = bins[-1].parent
+        os.chmod(WORK, 0o755)  # the server runs as `postgres` and must reach its directory
+        self.dir = Path(tempfile.mkdtemp(prefix="pg-", dir=WORK))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.port = free_port()
+        if primary is None:
+            self.as_postgres("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+            with open(self.data / "postgresql.conf", "a") as conf:
+                conf.write("listen_addresses = '127.0.0.1'\nwal_level = replica\nmax_wal_senders = 4\n"
+                           "shared_buffers = 128MB\nmax_connections = 200\n")
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write("host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n")
+        else:
+            self.as_postgres("pg_basebackup", "-h", "127.0.0.1", "-p", primary.port, "-U", "postgres",
+                             "-D", self.data, "-R", "-c", "fast", "-X", "stream")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {self.port}\nunix_socket_directories = '{self.dir}'\n")
+        self.as_postgres("pg_ctl", "-D", self.data, "-l", self.dir / "log", "-w", "start")
+        if primary is None:
+            self.sql("CREATE DATABASE actiongate")
+        else:
+            deadline = time.monotonic() + 30
+            while primary.sql("SELECT state FROM pg_stat_replication").strip() != "streaming":
+                if time.monotonic() > deadline:
+                    raise SystemExit("the standby never streamed")
+                time.sleep(0.1)
+            primary.sql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.sql("SELECT pg_reload_conf()")
+            while primary.sql("SELECT sync_state FROM pg_stat_replication").strip() != "sync":
+                if time.monotonic() > deadline:
+                    raise SystemExit("the standby never became synchronous")
+                time.sleep(0.1)
+
+    def as_postgres(self, tool, *args):
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / tool)] + [str(a) for a in args],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def sql(self, statement, db="postgres"):
+        return subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
+                               "-d", db, "-At", "-c", statement], check=True, capture_output=True,
+                              text=True).stdout
+
+    def url(self):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/actiongate"
+
+    def stop(self):
+        subprocess.run(["runuser", "-u", "postgres", "--", str(self.bin / "pg_ctl"), "-D", str(self.data),
+                        "-m", "fast", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def on_postgres(url):
+    return lambda conf: re.sub(r'spool: \{path: "[^"]*"\}', f'spool: {{postgres: {{url: "{url}", pool: 16}}}}', conf)
+
+
+def cluster_phase(sink_port):
+    """Acks on the local spool, on PostgreSQL, and on PostgreSQL with a synchronous standby;
+    then the drain of a backlog by one instance and by two."""
+    out = {"acks": {}}
+    primary = Postgres()
+    standby = None
+    try:
+        for mode in ("local spool", "PostgreSQL", "PostgreSQL + sync standby"):
+            if mode == "PostgreSQL + sync standby":
+                standby = Postgres(primary)
+            edit = (lambda conf: conf) if mode == "local spool" else on_postgres(primary.url())
+            proc, port, admin, _ = start_actiongate(f"cluster-{len(out['acks'])}", sink_port, edit)
+            try:
+                r = load(f"http://127.0.0.1:{port}/actions/restart-host")
+                m = metrics(admin)
+                commits = m.get("actiongate_spool_commit_batch_size_count", 0)
+                r["mean_batch"] = round(m.get("actiongate_spool_commit_batch_size_sum", 0) / max(1, commits), 1)
+                out["acks"][mode] = without_raw(r)
+            finally:
+                stop(proc)
+            # Start the next mode on an empty database: the deliveries were drained or die here.
+            primary.sql("TRUNCATE actiongate_deliveries, actiongate_events, actiongate_keys", db="actiongate") \
+                if mode != "local spool" else None
+        if standby:
+            primary.sql("ALTER SYSTEM RESET synchronous_standby_names")
+            primary.sql("SELECT pg_reload_conf()")
+        out["drain"] = {n: cluster_drain(primary, n) for n in (1, 2)}
+    finally:
+        if standby:
+            standby.stop()
+        primary.stop()
+    return out
+
+
+def cluster_drain(primary, instances):
+    """CLUSTER_BACKLOG dead letters in the database (upstream down), replayed once with the
+    upstream back, drained by `instances` gateways."""
+    primary.sql("TRUNCATE actiongate_deliveries, actiongate_events, actiongate_keys", db="actiongate")
+    sink_port = free_port()
+    dead_upstream = lambda conf: on_postgres(primary.url())(conf).replace(
+        "        when: {", "        retry: {attempts: 1}\n        when: {")
+    procs = []
+    nginx = None
+    try:
+        proc, port, admin, _ = start_actiongate(f"drain-{instances}-0", sink_port, dead_upstream)
+        procs.append((proc, admin))
+        wrk(f"http://127.0.0.1:{port}/actions/restart-host", duration=120, limit=-(-CLUSTER_BACKLOG // WRK_THREADS))
+        count = lambda sql: int(primary.sql(sql, db="actiongate").strip() or 0)
+        deadline = time.monotonic() + 120
+        while count("SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        total = count("SELECT count(*) FROM actiongate_deliveries")
+        for i in range(1, instances):
+            proc, _, admin, _ = start_actiongate(f"drain-{instances}-{i}", sink_port, dead_upstream)
+            procs.append((proc, admin))
+        nginx = run_nginx(free_port(), sink_port)
+        wait_port(sink_port)
+        request = urllib.request.Request(f"http://127.0.0.1:{procs[0][1]}/dead-letters/replay", method="POST")
+        started = time.monotonic()
+        urllib.request.urlopen(request, timeout=60).read()
+        while count("SELECT count(*) FROM actiongate_deliveries") and time.monotonic() - started < 300:
+            time.sleep(0.1)
+        drain = time.monotonic() - started
+        left = count("SELECT count(*) FROM actiongate_deliveries")
+        delivered = [int(metrics(a).get(
+            'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}', 0))
+            for _, a in procs]
+        return {"events": total, "left": left, "drain_s": round(drain, 2), "rate": round((total - left) / drain),
+                "by_instance": delivered}
+    finally:
+        for proc, _ in procs:
+            stop(proc)
+        if nginx:
+            stop(nginx)
+
+
+def cluster_report(c):
+    lines = [
+        "",
+        "Cluster (#15): one actiongate, its store on the local spool, on PostgreSQL (loopback, fsync on), "
+        "and on PostgreSQL with a synchronous standby (loopback); every server on these 2 cores.",
+        "",
+        "| store | flat out req/s | p99 ms | changes per commit | paced req/s | paced p50 ms | paced p99 ms | non-2xx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, r in c["acks"].items():
+        p = r.get("paced") or {}
+        lines.append(f"| {mode} | {r['rps']:,.0f} | {fmt(r['p99_ms'])} | {r['mean_batch']} | {p.get('rps', 0):,.0f} | "
+                     f"{fmt(p.get('p50_ms'))} | {fmt(p.get('p99_ms'))} | {r['non_2xx'] + p.get('non_2xx', 0)} |")
+    lines.append("")
+    for n, d in c["drain"].items():
+        lines.append(f"Drain, {n} instance{'s' if n > 1 else ''}: {d['events']:,} deliveries replayed, "
+                     f"{d['events'] - d['left']:,} delivered in {d['drain_s']} s ({d['rate']:,}/s; "
+                     f"by instance {', '.join(f'{v:,}' for v in d['by_instance'])}).")
+    return lines
+
+
+def report(results, backlog, edge, reports, cluster=None):
     ag = results["actiongate"]
     lines = [
         f"{CONNECTIONS} connections, wrk -t{WRK_THREADS}, {DURATION} s per peer, payloads 2.3 KB and 4.4 KB "
@@ -565,6 +734,8 @@ def report(results, backlog, edge, reports):
         lines += edge_report(edge)
     if reports:
         lines += reports_report(reports)
+    if cluster:
+        lines += cluster_report(cluster)
     text = "\n".join(lines)
     print(text)
     out = HERE / "results"
@@ -574,6 +745,7 @@ def report(results, backlog, edge, reports):
     data["backlog"] = backlog
     data["edge"] = edge
     data["reports"] = reports
+    data["cluster"] = cluster
     (out / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
     for name, r in results.items():
         if r["socket_errors"]:

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use actiongate::config::Config;
 use actiongate::metrics::Metrics;
-use actiongate::spool::{repair, Spool, SpoolError};
+use actiongate::spool::{repair, Spool};
+use actiongate::store::StoreError;
 use libfuzzer_sys::fuzz_target;
 
 fn segment(mut data: &[u8]) -> Vec<u8> {
@@ -31,7 +32,7 @@ fn segment(mut data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn open(dir: &std::path::Path) -> Result<Spool, SpoolError> {
+fn open(dir: &std::path::Path) -> Result<Spool, StoreError> {
     static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
     let metrics = METRICS.get_or_init(|| {
         let config = Config::from_yaml(
@@ -52,12 +53,12 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(dir.path().join("seg-0000000001.log"), segment(data)).expect("write segment");
     match open(dir.path()) {
         Ok(spool) => drop(spool),
-        Err(SpoolError::Storage(why)) if why.contains("newer actiongate") => {}
+        Err(StoreError::Storage(why)) if why.contains("newer actiongate") => {}
         Err(_) => {
             match repair(dir.path()) {
                 Ok(_) => {}
                 // Damage with a newer record type behind it: repair touches nothing.
-                Err(SpoolError::Storage(why)) if why.contains("newer actiongate") => return,
+                Err(StoreError::Storage(why)) if why.contains("newer actiongate") => return,
                 Err(e) => panic!("repair failed: {e}"),
             }
             if let Err(e) = open(dir.path()) {

@@ -7,6 +7,7 @@
 
 mod env;
 mod flashduty;
+mod postgres;
 mod raw;
 pub mod units;
 
@@ -30,6 +31,7 @@ use raw::{RawAction, RawConfig, RawUpstream};
 use units::{parse_duration, parse_size};
 
 pub use flashduty::{FlashdutyApi, Guard, Report, ReportOutcome, COMMENT_VALUES, REPORT_UPSTREAM};
+pub use postgres::PostgresStore;
 
 /// Flashduty's SaaS push addresses, the built-in `flashduty` source (PAYLOAD.md). A config may
 /// redefine `sources.flashduty` when Flashduty announces new ones or for an on-prem install.
@@ -50,8 +52,11 @@ pub struct Config {
     /// `admin.token`: the dead-letter API then needs `Authorization: Bearer <token>`, held
     /// as that whole header value so that one constant-time comparison checks it.
     pub admin_token: Option<Secret>,
-    /// Directory of the embedded durable store.
+    /// Directory of the embedded durable store; in cluster mode, only of the pid file and the
+    /// upgrade socket.
     pub spool_path: PathBuf,
+    /// `spool.postgres`: the store is a PostgreSQL database shared by several instances.
+    pub postgres: Option<PostgresStore>,
     /// Size past which a spool segment is sealed (`spool.segment_size`). Smaller segments free
     /// disk sooner and cost more files; tests use small ones to span many.
     pub spool_segment_size: u64,
@@ -514,6 +519,15 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
     }
 
     let spool_path = PathBuf::from(raw.spool.path.as_deref().unwrap_or("./data"));
+    let postgres = raw.spool.postgres.as_ref().and_then(|pg| {
+        if raw.spool.path.is_some() {
+            check.fail(
+                "spool",
+                "set `path` (the local spool) or `postgres` (cluster mode), not both",
+            );
+        }
+        check.ok("spool.postgres", PostgresStore::from_raw(pg))
+    });
     let spool_segment_size = match &raw.spool.segment_size {
         None => crate::spool::SEGMENT_BYTES,
         Some(value) => check
@@ -534,7 +548,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
     };
     if max_body == 0 {
         check.fail("limits.max_body", "must be more than 0");
-    } else if max_body > crate::spool::MAX_BODY as u64 {
+    } else if max_body > crate::store::MAX_BODY as u64 {
         check.fail(
             "limits.max_body",
             format!(
@@ -696,6 +710,7 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
         admin: admin?,
         admin_token,
         spool_path,
+        postgres,
         spool_segment_size,
         limits,
         dedup_window,
@@ -773,12 +788,12 @@ fn validate_action(
             "at least one upstream is required",
         );
     }
-    if a.upstreams.len() > crate::spool::MAX_UPSTREAMS {
+    if a.upstreams.len() > crate::store::MAX_UPSTREAMS {
         check.fail(
             format!("{at}.upstreams"),
             format!(
                 "at most {} upstreams per action",
-                crate::spool::MAX_UPSTREAMS
+                crate::store::MAX_UPSTREAMS
             ),
         );
     }

@@ -126,6 +126,17 @@ pub struct RawSpool {
     pub path: Option<String>,
     /// Size past which a log segment is sealed and a new one started [64MiB].
     pub segment_size: Option<serde_yaml::Value>,
+    /// Cluster mode: a PostgreSQL database instead of `path`.
+    pub postgres: Option<RawPostgres>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// `postgresql://user:password@host1:5432,host2:5432/db?target_session_attrs=read-write`.
+    pub url: Option<String>,
+    /// Connections per instance [16].
+    pub pool: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

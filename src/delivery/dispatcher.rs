@@ -25,7 +25,7 @@ use super::{client, request, DeliveryOutcome};
 use crate::config::{Config, FlashdutyApi, ReportOutcome, Upstream, REPORT_UPSTREAM};
 use crate::lifecycle::{wait_until, Lifecycle};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::spool::{lane_key, now_ms, DeliveryRecord, Finish, NewEvent, Spool};
+use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, NewEvent, Store};
 
 /// Longest a lane sleeps without looking at the spool, as a safety net for missed wake-ups.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -38,7 +38,7 @@ const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Runs every lane. Shared by the background service that runs it and by reloads, which add,
 /// change and retire lanes while it runs.
 pub struct Dispatcher {
-    spool: Spool,
+    store: Store,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     /// The client (and so the connection pool) of every upstream with default TLS settings.
@@ -106,12 +106,12 @@ pub struct Prepared {
 impl Dispatcher {
     pub fn new(
         config: &Config,
-        spool: Spool,
+        store: Store,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
     ) -> Result<Arc<Dispatcher>, String> {
         let dispatcher = Arc::new(Dispatcher {
-            spool,
+            store,
             metrics,
             lifecycle,
             shared_client: client::build(None)?,
@@ -266,7 +266,7 @@ impl Dispatcher {
         if !lane.started.swap(true, Ordering::AcqRel) {
             runtime.spawn(run_lane(
                 lane,
-                self.spool.clone(),
+                self.store.clone(),
                 self.lifecycle.clone(),
                 self.pace.clone(),
             ));
@@ -284,7 +284,7 @@ impl Dispatcher {
 
     /// Deliveries whose (action, upstream) left the config while the gateway was stopped.
     async fn dead_letter_orphans(&self) {
-        let pending = match self.spool.pending_lanes() {
+        let pending = match self.store.pending_lanes().await {
             Ok(lanes) => lanes,
             Err(e) => {
                 log::error!("cannot list pending deliveries: {e}");
@@ -324,9 +324,19 @@ impl Dispatcher {
     }
 
     async fn dead_letter_lane(&self, key: &str) {
+        // A lane another instance of a cluster still runs keeps its deliveries taken: only
+        // what no instance has taken for the store's grace is an orphan.
+        // Otherwise everything the lane holds goes, retries backing off included.
+        let grace = self.store.orphan_grace();
+        let upto = if grace.is_zero() {
+            u64::MAX
+        } else {
+            now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX))
+        };
         let ids = self
-            .spool
-            .due(key, u64::MAX, usize::MAX, &HashSet::new())
+            .store
+            .due(key, upto, usize::MAX, &HashSet::new())
+            .await
             .unwrap_or_default();
         if ids.is_empty() {
             return;
@@ -342,14 +352,14 @@ impl Dispatcher {
             }
             let error = format!("{key} is no longer configured");
             let at_ms = now_ms();
-            let report = self.sweep_report(key, id, &error, at_ms);
+            let report = self.sweep_report(key, id, &error, at_ms).await;
             let finish = Finish::Dead {
                 at_ms,
                 error,
                 status: None,
                 attempted: false,
             };
-            if let Err(e) = self.spool.finish_reported(id, finish, report).await {
+            if let Err(e) = self.store.finish_reported(id, finish, report).await {
                 log::error!("cannot dead-letter delivery {id}: {e}");
             }
         }
@@ -359,7 +369,7 @@ impl Dispatcher {
 impl Dispatcher {
     /// The report of a delivery of lane `key` dead-lettered by a sweep, if its action still
     /// reports dead letters (a report's own lane is never reported).
-    fn sweep_report(&self, key: &str, id: u64, error: &str, at_ms: u64) -> Option<NewEvent> {
+    async fn sweep_report(&self, key: &str, id: u64, error: &str, at_ms: u64) -> Option<NewEvent> {
         // Action names hold no `/`: the lane key is `action/upstream`.
         let (action, upstream) = key.split_once('/')?;
         if upstream == REPORT_UPSTREAM {
@@ -372,7 +382,7 @@ impl Dispatcher {
             .get(action)
             .filter(|plan| plan.plan.wants(ReportOutcome::DeadLettered))
             .cloned()?;
-        let (record, raw) = match self.spool.load(id) {
+        let (record, raw) = match self.store.load(id).await {
             Ok(found) => found?,
             Err(e) => {
                 log::error!("{key}: cannot load delivery {id} to report its dead letter: {e}");
@@ -407,19 +417,19 @@ impl BackgroundService for DispatcherService {
     }
 }
 
-async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>, pace: Arc<Pace>) {
+async fn run_lane(lane: Arc<Lane>, store: Store, lifecycle: Arc<Lifecycle>, pace: Arc<Pace>) {
     loop {
         if lifecycle.deliveries_stopped() || lane.stopped.load(Ordering::Acquire) {
             return;
         }
-        if spool.failure().is_some() {
+        if store.failure().is_some() {
             // Results could not be recorded, so every attempt would be made again at once:
             // hold off rather than hammer the upstream (the failure is logged and in /readyz).
             tokio::time::sleep(ERROR_PAUSE).await;
             continue;
         }
         // Register for wake-ups before looking, so that a commit in between is not missed.
-        let work = spool.work_notified();
+        let work = store.work_notified();
         let changed = lane.changed.notified();
         tokio::pin!(work, changed);
         work.as_mut().enable();
@@ -430,14 +440,14 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>, pace
         let mut skip = lane.in_flight_ids();
         let free = lane.free(skip.len());
         if free > 0 {
-            match spool.due(&lane.key, now, free, &skip) {
+            match store.due(&lane.key, now, free, &skip).await {
                 Ok(ids) => {
                     for id in ids {
                         lane.mark_in_flight(id);
                         skip.insert(id);
                         tokio::spawn(attempt_task(
                             lane.clone(),
-                            spool.clone(),
+                            store.clone(),
                             lifecycle.clone(),
                             pace.clone(),
                             id,
@@ -454,7 +464,7 @@ async fn run_lane(lane: Arc<Lane>, spool: Spool, lifecycle: Arc<Lifecycle>, pace
 
         // Sleep until the next delivery is due, new work arrives, or an attempt finishes.
         let wait = if lane.free(skip.len()) > 0 {
-            match spool.next_due_ms(&lane.key, &skip) {
+            match store.next_due_ms(&lane.key, &skip).await {
                 Ok(Some(due)) => {
                     Duration::from_millis(due.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
                 }
@@ -514,23 +524,24 @@ impl Lane {
 
 async fn attempt_task(
     lane: Arc<Lane>,
-    spool: Spool,
+    store: Store,
     lifecycle: Arc<Lifecycle>,
     pace: Arc<Pace>,
     id: u64,
 ) {
     let in_flight = lifecycle.delivery();
-    deliver(&lane, &spool, &pace, id).await;
+    deliver(&lane, &store, &pace, id).await;
+    store.release(id);
     lane.clear_in_flight(id);
     drop(in_flight);
     lane.changed.notify_waiters();
 }
 
 /// One step for delivery `id`: skip it, or attempt it and record the result.
-async fn deliver(lane: &Lane, spool: &Spool, pace: &Pace, id: u64) {
+async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
     let conf = lane.conf.load_full();
     let upstream = &conf.upstream;
-    let (record, raw) = match spool.load(id) {
+    let (record, raw) = match store.load(id).await {
         Ok(Some(found)) => found,
         Ok(None) => return, // finished meanwhile (e.g. replayed and delivered)
         Err(e) => {
@@ -546,7 +557,7 @@ async fn deliver(lane: &Lane, spool: &Spool, pace: &Pace, id: u64) {
                 // Cannot happen for events the ingress validated; say so loudly if it does.
                 record_finish(
                     lane,
-                    spool,
+                    store,
                     id,
                     Finish::Dead {
                         at_ms: now_ms(),
@@ -577,7 +588,7 @@ async fn deliver(lane: &Lane, spool: &Spool, pace: &Pace, id: u64) {
             );
             record_finish(
                 lane,
-                spool,
+                store,
                 id,
                 Finish::Skipped,
                 DeliveryOutcome::Skipped,
@@ -708,7 +719,7 @@ async fn deliver(lane: &Lane, spool: &Spool, pace: &Pace, id: u64) {
         };
         report_of(plan, &record, &raw, &facts)
     });
-    record_finish(lane, spool, id, finish, label, lag, report).await;
+    record_finish(lane, store, id, finish, label, lag, report).await;
 }
 
 /// The report of an outcome, if the action reports it and the payload names an incident
@@ -738,14 +749,14 @@ fn report_of(
 
 async fn record_finish(
     lane: &Lane,
-    spool: &Spool,
+    store: &Store,
     id: u64,
     finish: Finish,
     outcome: DeliveryOutcome,
     lag_ms: Option<u64>,
     report: Option<NewEvent>,
 ) {
-    match spool.finish_reported(id, finish, report).await {
+    match store.finish_reported(id, finish, report).await {
         Ok(()) => {
             lane.metrics.delivery(outcome);
             if let Some(lag) = lag_ms {
@@ -760,7 +771,7 @@ async fn record_finish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::NewEvent;
+    use crate::store::NewEvent;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_delivery_stored_for_a_lane_that_let_go_is_dead_lettered_while_running() {
@@ -771,10 +782,12 @@ mod tests {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new(&config));
-        let spool = Spool::open(dir.path(), Duration::from_secs(60), metrics.clone()).unwrap();
+        let spool = crate::spool::Spool::open(dir.path(), Duration::from_secs(60), metrics.clone())
+            .unwrap();
+        let store = Store::Local(spool.clone());
         let lifecycle = Lifecycle::new();
         let dispatcher =
-            Dispatcher::new(&config, spool.clone(), metrics, lifecycle.clone()).unwrap();
+            Dispatcher::new(&config, store.clone(), metrics, lifecycle.clone()).unwrap();
         let running = {
             let dispatcher = dispatcher.clone();
             tokio::spawn(async move { dispatcher.run().await })

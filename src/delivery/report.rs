@@ -22,7 +22,7 @@ use super::retry::AttemptOutcome;
 use super::template::{TextTemplate, ValueMapping};
 use crate::config::units::format_duration;
 use crate::config::{Report, ReportOutcome, REPORT_UPSTREAM};
-use crate::spool::NewEvent;
+use crate::store::NewEvent;
 
 /// Flashduty refuses longer comments.
 pub const MAX_COMMENT_CHARS: usize = 1024;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::units::format_duration;
 use crate::config::Guard;
-use crate::spool::{GuardCheck, Guarded};
+use crate::store::{GuardCheck, Guarded};
 
 /// What `guard` asks of a push with this incident and person.
 pub fn check(guard: &Guard, incident_id: &str, person: bool) -> GuardCheck {

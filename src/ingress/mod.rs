@@ -27,7 +27,7 @@ use crate::config::{Action, Config, DriftPolicy, Limits, ReportOutcome};
 use crate::delivery::report::{self, Facts};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{ActionMetrics, Metrics};
-use crate::spool::{now_ms, Appended, NewEvent, Spool};
+use crate::store::{now_ms, Appended, NewEvent, Store};
 use allowlist::IpSet;
 use answer::{Answer, Outcome};
 use payload::{PayloadError, DRIFT_FIELDS};
@@ -41,7 +41,7 @@ pub struct Ingress {
     trusted_proxies: IpSet,
     limits: Limits,
     drift_policy: DriftPolicy,
-    spool: Spool,
+    store: Store,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     drift_logged: Mutex<HashSet<(usize, String)>>,
@@ -69,7 +69,7 @@ struct Route {
 impl Ingress {
     pub fn new(
         config: &Config,
-        spool: Spool,
+        store: Store,
         metrics: Arc<Metrics>,
         lifecycle: Arc<Lifecycle>,
     ) -> Ingress {
@@ -100,7 +100,7 @@ impl Ingress {
             trusted_proxies: config.trusted_proxies.clone(),
             limits: config.limits,
             drift_policy: config.schema_drift,
-            spool,
+            store,
             metrics,
             lifecycle,
             drift_logged: Mutex::new(HashSet::new()),
@@ -347,8 +347,8 @@ impl Ingress {
             upstreams: route.upstreams.clone(),
         };
         let appended = match check {
-            Some(check) => self.spool.append_guarded(event, check).await,
-            None => self.spool.append(event).await,
+            Some(check) => self.store.append_guarded(event, check).await,
+            None => self.store.append(event).await,
         };
         match appended {
             Ok(Appended::Accepted(_)) => Answer::success(Outcome::Accepted, &event_id),
@@ -403,7 +403,7 @@ impl Ingress {
             );
             return;
         };
-        if let Err(e) = self.spool.append_refusal_report(report).await {
+        if let Err(e) = self.store.append_refusal_report(report).await {
             log::error!(
                 action = route.name.as_ref(),
                 event_id = event_id;

@@ -20,8 +20,6 @@
 //! capped the gateway near 5,000 events/s on this machine; the log costs a few microseconds.
 //! See BENCHMARKS.md.
 
-mod guard;
-mod record;
 mod segment;
 mod state;
 mod writer;
@@ -34,77 +32,22 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
-pub use guard::{GuardCheck, Guarded};
-pub use record::{lane_key, DeliveryRecord, Finish};
-pub use state::MAX_UPSTREAMS;
+use crate::store::{
+    Appended, DeliveryRecord, Finish, GuardCheck, NewEvent, StoreCounts, StoreError,
+};
 use state::{Deltas, State};
 pub use writer::SEGMENT_BYTES;
 use writer::{Admit, Files, Op, Settle, Writer};
 
-/// The largest event body stored: `limits.max_body` may not be set higher. Records are framed
-/// with u32 lengths, and a length past this bound is read as damage.
-pub const MAX_BODY: usize = 64 << 20;
-
 /// Queued changes beyond which new events are refused with 503 rather than waiting. Attempt
 /// results are not counted and never refused (see [`writer`]).
 const QUEUE_DEPTH: usize = 16_384;
-
-/// Why the spool could not do something.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SpoolError {
-    /// Too many changes queued: the disk is not keeping up.
-    Busy,
-    /// The filesystem is full. Passes by itself: writing resumes once space is freed.
-    Full(String),
-    /// The writer has stopped (shutdown).
-    Closed,
-    /// The disk refused a write or an fsync, or the log is damaged. After a failed write the
-    /// spool refuses every further change: what is on disk is then only known after a restart.
-    Storage(String),
-    /// Another process holds the store.
-    Locked(String),
-}
-
-impl fmt::Display for SpoolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SpoolError::Busy => f.write_str("spool is busy (write queue full)"),
-            SpoolError::Full(e) => write!(f, "spool disk is full ({e})"),
-            SpoolError::Closed => f.write_str("spool is closed"),
-            SpoolError::Storage(e) => write!(f, "spool storage error: {e}"),
-            SpoolError::Locked(e) => f.write_str(e),
-        }
-    }
-}
-
-impl std::error::Error for SpoolError {}
-
-/// An event to store: who it is for and its raw bytes.
-#[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub action: Arc<str>,
-    pub event_id: String,
-    pub body: Bytes,
-    /// Upstream names of the action: one delivery each.
-    pub upstreams: Vec<Arc<str>>,
-}
-
-/// What became of an appended event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Appended {
-    /// Stored durably under this sequence number.
-    Accepted(u64),
-    /// Already accepted within the dedup window: not stored again.
-    Duplicate,
-    /// Refused by one of the action's guards: not stored.
-    Guarded(Guarded),
-}
 
 /// Whether commits wait for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,15 +56,6 @@ pub enum Commit {
     Durable,
     /// No fsync. Only for measuring what durability costs: a crash can lose acknowledged events.
     Unsafe,
-}
-
-/// Table sizes, for tests and the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SpoolCounts {
-    pub events: u64,
-    pub pending: u64,
-    pub dedup_keys: u64,
-    pub dead: u64,
 }
 
 /// A handle on the store; cheap to clone.
@@ -149,32 +83,32 @@ struct Shared {
 pub(crate) struct Inner {
     state: Mutex<State>,
     files: Mutex<Files>,
-    failure: Mutex<Option<SpoolError>>,
+    failure: Mutex<Option<StoreError>>,
     /// Set while the disk is full; `full_flag` lets a successful write skip the lock.
-    full: Mutex<Option<SpoolError>>,
+    full: Mutex<Option<StoreError>>,
     full_flag: AtomicBool,
 }
 
 impl Inner {
-    fn lock_state(&self) -> Result<MutexGuard<'_, State>, SpoolError> {
+    fn lock_state(&self) -> Result<MutexGuard<'_, State>, StoreError> {
         self.state
             .lock()
-            .map_err(|_| SpoolError::Storage("spool index poisoned".into()))
+            .map_err(|_| StoreError::Storage("spool index poisoned".into()))
     }
 
-    fn fail(&self, e: &SpoolError) {
+    fn fail(&self, e: &StoreError) {
         if let Ok(mut failure) = self.failure.lock() {
             failure.get_or_insert_with(|| e.clone());
         }
     }
 
-    fn failure(&self) -> Option<SpoolError> {
+    fn failure(&self) -> Option<StoreError> {
         self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Records that the disk is full (`Some`) or no longer is (`None`). Returns whether that
     /// changed.
-    fn set_full(&self, full: Option<&SpoolError>) -> bool {
+    fn set_full(&self, full: Option<&StoreError>) -> bool {
         if full.is_none() && !self.full_flag.load(Ordering::Acquire) {
             return false;
         }
@@ -190,17 +124,17 @@ impl Inner {
         changed
     }
 
-    fn full(&self) -> Option<SpoolError> {
+    fn full(&self) -> Option<StoreError> {
         if !self.full_flag.load(Ordering::Acquire) {
             return None;
         }
         self.full.lock().ok().and_then(|f| f.clone())
     }
 
-    fn add_segment(&self, number: u64, read: File) -> Result<(), SpoolError> {
+    fn add_segment(&self, number: u64, read: File) -> Result<(), StoreError> {
         self.files
             .lock()
-            .map_err(|_| SpoolError::Closed)?
+            .map_err(|_| StoreError::Closed)?
             .insert(number, Arc::new(read));
         Ok(())
     }
@@ -229,15 +163,8 @@ impl Drop for Shared {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn storage(what: impl fmt::Display, e: impl fmt::Display) -> SpoolError {
-    SpoolError::Storage(format!("{what}: {e}"))
+fn storage(what: impl fmt::Display, e: impl fmt::Display) -> StoreError {
+    StoreError::Storage(format!("{what}: {e}"))
 }
 
 /// What `-t` checks of `spool.path` without touching the spool: that this process could
@@ -290,7 +217,7 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// Creates the spool directory if needed and takes its lock: one process per spool.
-fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| storage(format!("cannot create {}", dir.display()), e))?;
     let lock_path = dir.join("LOCK");
@@ -301,7 +228,7 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
         .open(&lock_path)
         .map_err(|e| storage(lock_path.display(), e))?;
     lock.try_lock().map_err(|_| {
-        SpoolError::Locked(format!(
+        StoreError::Locked(format!(
             "{} is in use by another actiongate process",
             dir.display()
         ))
@@ -310,7 +237,7 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
 }
 
 /// The numbers of the segment files in `dir`, oldest first.
-fn segment_numbers(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+fn segment_numbers(dir: &Path) -> Result<Vec<u64>, StoreError> {
     let mut numbers: Vec<u64> = std::fs::read_dir(dir)
         .map_err(|e| storage(dir.display(), e))?
         .filter_map(|entry| {
@@ -329,7 +256,7 @@ fn segment_numbers(dir: &Path) -> Result<Vec<u64>, SpoolError> {
 /// moved to a `.damaged` file beside it and every whole record is kept. Returns one line per
 /// piece set aside. What the damaged bytes held is lost (an accepted event, or a result whose
 /// delivery will then be made again); everything else is delivered as usual.
-pub fn repair(dir: &Path) -> Result<Vec<String>, SpoolError> {
+pub fn repair(dir: &Path) -> Result<Vec<String>, StoreError> {
     let _lock = lock_dir(dir)?;
     let mut report = Vec::new();
     for number in segment_numbers(dir)? {
@@ -343,7 +270,7 @@ pub fn repair(dir: &Path) -> Result<Vec<String>, SpoolError> {
                 break;
             };
             if damage.why.starts_with(segment::NEWER) {
-                return Err(SpoolError::Storage(format!(
+                return Err(StoreError::Storage(format!(
                     "{} holds {} at offset {}: not damage; run that version on this spool",
                     path.display(),
                     segment::NEWER,
@@ -377,7 +304,7 @@ pub fn repair(dir: &Path) -> Result<Vec<String>, SpoolError> {
 
 /// Writes `bytes` cut from `segment` to a new file beside it (`<segment>.<what>`, numbered if
 /// one exists) and makes it durable before the segment is changed.
-fn set_aside(segment: &Path, bytes: &[u8], what: &str) -> Result<PathBuf, SpoolError> {
+fn set_aside(segment: &Path, bytes: &[u8], what: &str) -> Result<PathBuf, StoreError> {
     let name = segment
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -429,7 +356,7 @@ impl Spool {
         dir: &Path,
         dedup_window: Duration,
         metrics: Arc<Metrics>,
-    ) -> Result<Spool, SpoolError> {
+    ) -> Result<Spool, StoreError> {
         Spool::open_with(dir, dedup_window, metrics, Commit::Durable)
     }
 
@@ -441,7 +368,7 @@ impl Spool {
         metrics: Arc<Metrics>,
         wait: Duration,
         segment_bytes: u64,
-    ) -> Result<Spool, SpoolError> {
+    ) -> Result<Spool, StoreError> {
         let deadline = std::time::Instant::now() + wait;
         loop {
             let opened = Spool::open_sized(
@@ -452,7 +379,7 @@ impl Spool {
                 segment_bytes,
             );
             match opened {
-                Err(SpoolError::Locked(_)) if std::time::Instant::now() < deadline => {
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 result => return result,
@@ -466,7 +393,7 @@ impl Spool {
         dedup_window: Duration,
         metrics: Arc<Metrics>,
         commit: Commit,
-    ) -> Result<Spool, SpoolError> {
+    ) -> Result<Spool, StoreError> {
         Spool::open_sized(dir, dedup_window, metrics, commit, writer::SEGMENT_BYTES)
     }
 
@@ -476,7 +403,7 @@ impl Spool {
         metrics: Arc<Metrics>,
         commit: Commit,
         segment_bytes: u64,
-    ) -> Result<Spool, SpoolError> {
+    ) -> Result<Spool, StoreError> {
         let lock = lock_dir(dir)?;
         let dir_handle = File::open(dir).map_err(|e| storage(dir.display(), e))?;
         let numbers = segment_numbers(dir)?;
@@ -493,7 +420,7 @@ impl Spool {
             });
             if let Err(damage) = replayed {
                 if damage.why.starts_with(segment::NEWER) {
-                    return Err(SpoolError::Storage(format!(
+                    return Err(StoreError::Storage(format!(
                         "{} holds {} at offset {}: run that version (or a later one) on this \
                          spool; nothing was changed",
                         path.display(),
@@ -502,7 +429,7 @@ impl Spool {
                     )));
                 }
                 if i + 1 < numbers.len() || damage.committed_after {
-                    return Err(SpoolError::Storage(format!(
+                    return Err(StoreError::Storage(format!(
                         "{} is damaged at offset {} ({}), and acknowledged records follow the \
                          damage, so it is not a write cut short by a crash. Nothing was changed. \
                          To start with every intact record and the damaged bytes set aside in \
@@ -606,16 +533,16 @@ impl Spool {
         })
     }
 
-    fn send(&self, op: Op) -> Result<(), SpoolError> {
-        let mut sender = self.shared.sender.lock().map_err(|_| SpoolError::Closed)?;
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        let mut sender = self.shared.sender.lock().map_err(|_| StoreError::Closed)?;
         if sender.is_none() {
             let state = self
                 .shared
                 .writer_state
                 .lock()
-                .map_err(|_| SpoolError::Closed)?
+                .map_err(|_| StoreError::Closed)?
                 .take()
-                .ok_or(SpoolError::Closed)?;
+                .ok_or(StoreError::Closed)?;
             let (tx, rx) = mpsc::channel();
             // The thread must not hold `shared`: it owns the sender whose drop ends the thread.
             let work = self.shared.work.clone();
@@ -628,32 +555,32 @@ impl Spool {
             }
             *sender = Some(tx);
         }
-        let tx = sender.as_ref().ok_or(SpoolError::Closed)?;
+        let tx = sender.as_ref().ok_or(StoreError::Closed)?;
         let bounded = op.is_bounded();
         if bounded && self.shared.queued.fetch_add(1, Ordering::AcqRel) >= QUEUE_DEPTH {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(SpoolError::Busy);
+            return Err(StoreError::Busy);
         }
         tx.send(op).map_err(|_| {
             if bounded {
                 self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             }
-            SpoolError::Closed
+            StoreError::Closed
         })
     }
 
     async fn call<T>(
         &self,
-        op: impl FnOnce(oneshot::Sender<Result<T, SpoolError>>) -> Op,
-    ) -> Result<T, SpoolError> {
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(op(tx))?;
-        rx.await.map_err(|_| SpoolError::Closed)?
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores an event durably (returns after fsync) with one due delivery per upstream, unless
     /// (action, event_id) was accepted within the dedup window.
-    pub async fn append(&self, event: NewEvent) -> Result<Appended, SpoolError> {
+    pub async fn append(&self, event: NewEvent) -> Result<Appended, StoreError> {
         self.call(|reply| Op::Append(event, Admit::Push(None), reply))
             .await
     }
@@ -664,7 +591,7 @@ impl Spool {
         &self,
         event: NewEvent,
         check: GuardCheck,
-    ) -> Result<Appended, SpoolError> {
+    ) -> Result<Appended, StoreError> {
         self.call(|reply| Op::Append(event, Admit::Push(Some(check)), reply))
             .await
     }
@@ -672,13 +599,13 @@ impl Spool {
     /// Stores a report of a guard refusal for delivery to Flashduty, once per (action,
     /// event_id) within the dedup window: a push that Flashduty sends again is refused again,
     /// but reported once.
-    pub async fn append_refusal_report(&self, report: NewEvent) -> Result<Appended, SpoolError> {
+    pub async fn append_refusal_report(&self, report: NewEvent) -> Result<Appended, StoreError> {
         self.call(|reply| Op::Append(report, Admit::Report { once: true }, reply))
             .await
     }
 
     /// Records how a delivery attempt ended.
-    pub async fn finish(&self, delivery: u64, finish: Finish) -> Result<(), SpoolError> {
+    pub async fn finish(&self, delivery: u64, finish: Finish) -> Result<(), StoreError> {
         self.finish_reported(delivery, finish, None).await
     }
 
@@ -690,7 +617,7 @@ impl Spool {
         delivery: u64,
         finish: Finish,
         report: Option<NewEvent>,
-    ) -> Result<(), SpoolError> {
+    ) -> Result<(), StoreError> {
         let settle = Settle {
             id: delivery,
             finish,
@@ -700,23 +627,23 @@ impl Spool {
     }
 
     /// Moves dead letters (all, or one) back to due with their attempt count reset.
-    pub async fn replay(&self, id: Option<u64>) -> Result<usize, SpoolError> {
+    pub async fn replay(&self, id: Option<u64>) -> Result<usize, StoreError> {
         self.call(|reply| Op::Replay(id, reply)).await
     }
 
     /// Deletes one dead letter for good. Returns whether it existed.
-    pub async fn purge(&self, id: u64) -> Result<bool, SpoolError> {
+    pub async fn purge(&self, id: u64) -> Result<bool, StoreError> {
         self.call(|reply| Op::Purge(id, reply)).await
     }
 
     /// Why the spool refuses changes until a restart, if it does (a failed write or fsync).
-    pub fn failure(&self) -> Option<SpoolError> {
+    pub fn failure(&self) -> Option<StoreError> {
         self.shared.inner.failure()
     }
 
     /// Why new events are refused for now, if they are: the disk is full. Clears by itself
     /// once a write succeeds again.
-    pub fn full(&self) -> Option<SpoolError> {
+    pub fn full(&self) -> Option<StoreError> {
         self.shared.inner.full()
     }
 
@@ -726,7 +653,7 @@ impl Spool {
         self.shared.work.notified()
     }
 
-    fn state(&self) -> Result<MutexGuard<'_, State>, SpoolError> {
+    fn state(&self) -> Result<MutexGuard<'_, State>, StoreError> {
         self.shared.inner.lock_state()
     }
 
@@ -737,7 +664,7 @@ impl Spool {
         now_ms: u64,
         limit: usize,
         skip: &HashSet<u64>,
-    ) -> Result<Vec<u64>, SpoolError> {
+    ) -> Result<Vec<u64>, StoreError> {
         let state = self.state()?;
         let Some(queue) = state.due.get(lane) else {
             return Ok(Vec::new());
@@ -751,7 +678,7 @@ impl Spool {
     }
 
     /// When the earliest delivery of `lane` not in `skip` is due, if there is one.
-    pub fn next_due_ms(&self, lane: &str, skip: &HashSet<u64>) -> Result<Option<u64>, SpoolError> {
+    pub fn next_due_ms(&self, lane: &str, skip: &HashSet<u64>) -> Result<Option<u64>, StoreError> {
         let state = self.state()?;
         Ok(state.due.get(lane).and_then(|queue| {
             queue
@@ -762,14 +689,14 @@ impl Spool {
     }
 
     /// A pending delivery and its event's bytes.
-    pub fn load(&self, delivery: u64) -> Result<Option<(DeliveryRecord, Bytes)>, SpoolError> {
+    pub fn load(&self, delivery: u64) -> Result<Option<(DeliveryRecord, Bytes)>, StoreError> {
         let (record, event) = {
             let state = self.state()?;
             let Some(record) = state.deliveries.get(&delivery) else {
                 return Ok(None);
             };
             let event = state.events.get(&record.event).copied().ok_or_else(|| {
-                SpoolError::Storage(format!(
+                StoreError::Storage(format!(
                     "delivery {delivery} refers to missing event {}",
                     record.event
                 ))
@@ -781,10 +708,10 @@ impl Spool {
             .inner
             .files
             .lock()
-            .map_err(|_| SpoolError::Closed)?
+            .map_err(|_| StoreError::Closed)?
             .get(&event.segment)
             .cloned()
-            .ok_or_else(|| SpoolError::Storage(format!("segment {} is gone", event.segment)))?;
+            .ok_or_else(|| StoreError::Storage(format!("segment {} is gone", event.segment)))?;
         let mut body = vec![0u8; event.len as usize];
         file.read_exact_at(&mut body, event.offset)
             .map_err(|e| storage(format!("reading event {}", record.event), e))?;
@@ -792,7 +719,7 @@ impl Spool {
     }
 
     /// Lanes that hold pending deliveries, with their counts.
-    pub fn pending_lanes(&self) -> Result<BTreeMap<String, u64>, SpoolError> {
+    pub fn pending_lanes(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let state = self.state()?;
         Ok(state
             .due
@@ -802,15 +729,15 @@ impl Spool {
     }
 
     /// Up to `limit` dead letters, oldest first.
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeliveryRecord>, SpoolError> {
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
         let state = self.state()?;
         Ok(state.dead.values().take(limit).cloned().collect())
     }
 
     /// How many events, pending deliveries, dedup keys and dead letters are stored.
-    pub fn counts(&self) -> Result<SpoolCounts, SpoolError> {
+    pub fn counts(&self) -> Result<StoreCounts, StoreError> {
         let state = self.state()?;
-        Ok(SpoolCounts {
+        Ok(StoreCounts {
             events: state.events.len() as u64,
             pending: state.deliveries.len() as u64,
             dedup_keys: state.dedup_len() as u64,

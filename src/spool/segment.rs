@@ -13,7 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::state::{MAX_SEQ, MAX_UPSTREAMS};
+use super::state::MAX_SEQ;
+use crate::store::MAX_UPSTREAMS;
 
 /// Bytes before a record's body: length and CRC.
 pub const HEADER: usize = 8;
@@ -36,9 +37,9 @@ const LAST_KIND: u8 = ACCEPT_KEYED;
 /// Why reading stops at a record of a newer version.
 pub const NEWER: &str = "a record type from a newer actiongate";
 
-/// Longest record body decoded: an event body (at most [`super::MAX_BODY`]) and its fields.
+/// Longest record body decoded: an event body (at most [`crate::store::MAX_BODY`]) and its fields.
 /// Anything longer is damage.
-pub const MAX_RECORD: usize = super::MAX_BODY + (1 << 20);
+pub const MAX_RECORD: usize = crate::store::MAX_BODY + (1 << 20);
 
 /// How an attempt (or a decision not to attempt) ended, as logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

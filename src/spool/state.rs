@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use super::guard::parse_rate_key;
-use super::record::{lane_key, DeliveryRecord};
 use super::segment::{AttemptKind, Record, Snapshot, StateKind};
+use crate::store::guard::parse_rate_key;
+use crate::store::{dedup_key, lane_key, DeliveryRecord};
 
 /// An accepted event whose bytes some delivery still needs.
 #[derive(Debug, Clone, Copy)]
@@ -84,11 +84,6 @@ pub struct Carry {
     pub finished: Vec<Vec<u64>>,
 }
 
-/// The dedup key of (action, event_id).
-pub fn dedup_key(action: &str, event_id: &str) -> String {
-    format!("{action}\u{1f}{event_id}")
-}
-
 /// Delivery ids are the event's sequence number and the upstream's index: no counter to keep.
 pub fn delivery_id(seq: u64, index: usize) -> u64 {
     (seq << 8) | index as u64
@@ -98,9 +93,6 @@ pub fn delivery_id(seq: u64, index: usize) -> u64 {
 pub fn delivery_seq(id: u64) -> u64 {
     id >> 8
 }
-
-/// An action's upstreams fit the eight bits of a delivery id that name the upstream.
-pub const MAX_UPSTREAMS: usize = 256;
 
 /// Sequence numbers stay below this so that `seq << 8` keeps every bit (2^56 events is two
 /// thousand years at a million a second). The decoder refuses records past it as damage, so

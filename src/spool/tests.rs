@@ -1,4 +1,5 @@
 use super::*;
+use crate::store::{dedup_key, now_ms, Guarded, MAX_BODY};
 
 use crate::config::Config;
 
@@ -59,7 +60,7 @@ async fn accepted_events_get_one_due_delivery_per_upstream() {
     assert_eq!(metrics.pending_deliveries("up1").get(), 1);
     assert_eq!(
         spool.counts().unwrap(),
-        SpoolCounts {
+        StoreCounts {
             events: 1,
             pending: 2,
             dedup_keys: 1,
@@ -129,7 +130,7 @@ async fn event_bytes_go_once_every_delivery_is_done() {
     spool.finish(up2, Finish::Skipped).await.unwrap();
     assert_eq!(
         spool.counts().unwrap(),
-        SpoolCounts {
+        StoreCounts {
             events: 0,
             pending: 0,
             dedup_keys: 1,
@@ -311,7 +312,7 @@ async fn damage_before_the_last_segment_refuses_to_start() {
         .err()
         .unwrap();
     assert!(
-        matches!(&err, SpoolError::Storage(m) if m.contains("seg-0000000001.log is damaged at offset")
+        matches!(&err, StoreError::Storage(m) if m.contains("seg-0000000001.log is damaged at offset")
             && m.contains("--repair-spool")),
         "{err}"
     );
@@ -325,7 +326,7 @@ async fn one_process_per_spool() {
         .err()
         .unwrap();
     assert!(
-        matches!(&err, SpoolError::Locked(m) if m.ends_with("is in use by another actiongate process")),
+        matches!(&err, StoreError::Locked(m) if m.ends_with("is in use by another actiongate process")),
         "{err}"
     );
 }
@@ -342,7 +343,7 @@ async fn a_new_process_can_wait_for_the_old_one_to_let_go() {
         Duration::from_millis(50),
         SEGMENT_BYTES,
     );
-    assert!(matches!(held, Err(SpoolError::Locked(_))));
+    assert!(matches!(held, Err(StoreError::Locked(_))));
 
     let path = dir.path().to_path_buf();
     let waiter = std::thread::spawn(move || {
@@ -652,7 +653,7 @@ impl Model {
         let state = spool.state().unwrap();
         for id in &self.accepted {
             assert!(
-                state.is_duplicate(&state::dedup_key("a", id), now_ms()),
+                state.is_duplicate(&dedup_key("a", id), now_ms()),
                 "{id} forgotten by dedup, {at}"
             );
         }
@@ -807,7 +808,7 @@ async fn results_are_never_refused_when_the_queue_is_full() {
     let mut refused = 0;
     for task in waiting {
         match task.await.unwrap() {
-            Err(SpoolError::Busy) => refused += 1,
+            Err(StoreError::Busy) => refused += 1,
             Ok(_) => {}
             Err(e) => panic!("{e}"),
         }
@@ -977,12 +978,12 @@ async fn a_full_disk_refuses_events_keeps_results_waiting_and_recovers_by_itself
         let name = format!("full{i}");
         match spool.append(big(&name)).await {
             Ok(Appended::Accepted(_)) => accepted.push(name),
-            Err(SpoolError::Full(_)) => refused.push(name),
+            Err(StoreError::Full(_)) => refused.push(name),
             other => panic!("{other:?}"),
         }
     }
     assert!(!refused.is_empty(), "the disk never filled");
-    assert!(matches!(spool.full(), Some(SpoolError::Full(_))));
+    assert!(matches!(spool.full(), Some(StoreError::Full(_))));
     assert_eq!(spool.failure(), None, "a full disk is not a failure");
     let full = "actiongate_spool_refusing{reason=\"disk_full\"}";
     assert_eq!(series(&metrics, full), 1.0);
@@ -1066,7 +1067,7 @@ async fn a_failed_fsync_cuts_its_batch_and_stops_the_spool_until_a_restart() {
         faulty.fail("fsync");
         let err = spool.append(event("refused")).await.unwrap_err();
         assert!(
-            matches!(&err, SpoolError::Storage(m) if m.starts_with("fsync")),
+            matches!(&err, StoreError::Storage(m) if m.starts_with("fsync")),
             "{err}"
         );
         assert_eq!(spool.failure(), Some(err.clone()));
@@ -1728,7 +1729,7 @@ async fn an_event_record_too_large_to_read_back_is_refused_not_written() {
         };
         let refused = spool.append_guarded(huge, check).await;
         assert!(
-            matches!(refused, Err(SpoolError::Storage(_))),
+            matches!(refused, Err(StoreError::Storage(_))),
             "{refused:?}"
         );
         // The batch goes on: the next event is stored, and the spool stays writable.

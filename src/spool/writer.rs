@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use super::guard::{self, GuardCheck, Guarded, HOUR_MS};
 use super::segment::{self, AttemptKind, Record};
-use super::state::{dedup_key, Deltas, State};
-use super::{now_ms, Appended, Commit, Finish, Inner, NewEvent, SpoolError};
+use super::state::{Deltas, State};
+use super::{Commit, Inner};
 use crate::metrics::{Metrics, SpoolRefusal};
+use crate::store::guard::{self, GuardCheck, Guarded, HOUR_MS};
+use crate::store::{dedup_key, now_ms, Appended, Finish, NewEvent, StoreError};
 
 /// Most changes in one batch: bounds the latency a batch adds to its first member.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -47,7 +48,7 @@ const DELETE_PER_PASS: usize = 16;
 /// Expired dedup keys forgotten per slice; the index lock is let go between slices.
 const PURGE_SLICE: usize = 4096;
 
-type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A change for the writer, with where to send its result.
 pub enum Op {
@@ -88,7 +89,7 @@ impl Op {
 enum Done {
     Append(Reply<Appended>, Appended),
     /// An event refused before anything was written.
-    Refused(Reply<Appended>, SpoolError),
+    Refused(Reply<Appended>, StoreError),
     /// Keeps its change, so that a result the disk refused can be written again later.
     Finish(Settle, Reply<()>),
     Replay(Reply<usize>, usize),
@@ -105,7 +106,7 @@ impl Done {
         }
     }
 
-    fn send(self, failure: Option<&SpoolError>) {
+    fn send(self, failure: Option<&StoreError>) {
         // A dropped receiver means the caller gave up (e.g. the client went away).
         match (self, failure) {
             (Done::Append(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
@@ -124,10 +125,10 @@ impl Done {
 /// Why a write did not make it to disk.
 enum Fault {
     /// The filesystem is full: the batch was cut, and writing may work again later.
-    Full(SpoolError),
+    Full(StoreError),
     /// Anything else (EIO, a failed fsync): the page cache can no longer be trusted, so the
     /// spool refuses every change until a restart reads back what is really on disk.
-    Failed(SpoolError),
+    Failed(StoreError),
 }
 
 /// Records encoded for a batch, with their offsets in its buffer, not yet applied.
@@ -402,7 +403,7 @@ impl Writer {
                     view.next_seq -= 1;
                     return Done::Refused(
                         reply,
-                        SpoolError::Storage("event record larger than the spool takes".into()),
+                        StoreError::Storage("event record larger than the spool takes".into()),
                     );
                 }
                 // Written: later changes of the batch see its keys.
@@ -515,7 +516,7 @@ impl Writer {
             if let Err(e) = self.active.sync_data() {
                 // Whatever the error, the kernel may have dropped the dirty pages: only a
                 // restart, reading the file back, knows what is on disk.
-                return Err(self.cut(Fault::Failed(SpoolError::Storage(format!("fsync: {e}")))));
+                return Err(self.cut(Fault::Failed(StoreError::Storage(format!("fsync: {e}")))));
             }
             self.unsynced_since = None;
         } else if self.commit == Commit::Durable {
@@ -558,7 +559,7 @@ impl Writer {
             .set_len(self.active_size)
             .and_then(|()| self.active.sync_all());
         if let Err(e) = cut {
-            let e = SpoolError::Storage(format!(
+            let e = StoreError::Storage(format!(
                 "cannot cut a failed write from segment {}: {e}",
                 self.active_number
             ));
@@ -580,7 +581,7 @@ impl Writer {
         }
     }
 
-    fn fail(&mut self, e: SpoolError) -> Fault {
+    fn fail(&mut self, e: StoreError) -> Fault {
         log::error!("spool: {e}; refusing every change until a restart");
         self.inner.fail(&e);
         self.metrics.spool_refusing(SpoolRefusal::Failed, true);
@@ -702,7 +703,7 @@ impl Writer {
         }
         let path = segment::segment_path(&self.dir, number);
         if let Err(e) = std::fs::remove_file(&path) {
-            return Err(self.fail(SpoolError::Storage(format!(
+            return Err(self.fail(StoreError::Storage(format!(
                 "cannot delete {}: {e}",
                 path.display()
             ))));
@@ -710,7 +711,7 @@ impl Writer {
         // Durable before the next deletion: carrying for a later segment assumes this one is
         // gone for good, and a power cut must not bring it back without what was carried.
         if let Err(e) = self.dir_handle.sync_all() {
-            return Err(self.fail(SpoolError::Storage(format!(
+            return Err(self.fail(StoreError::Storage(format!(
                 "fsync of {}: {e}",
                 self.dir.display()
             ))));
@@ -811,21 +812,21 @@ fn attempt_record(id: u64, finish: &Finish, now: u64) -> Record {
 /// A full filesystem is a fault that passes; anything else is not.
 fn classify(what: &str, e: &io::Error) -> Fault {
     let full = e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(122); // EDQUOT
-    let error = SpoolError::Storage(format!("{what}: {e}"));
+    let error = StoreError::Storage(format!("{what}: {e}"));
     if full {
-        Fault::Full(SpoolError::Full(format!("{what}: {e}")))
+        Fault::Full(StoreError::Full(format!("{what}: {e}")))
     } else {
         Fault::Failed(error)
     }
 }
 
 /// Opens a segment for appending, creating it if needed.
-pub fn open_for_append(path: &std::path::Path) -> Result<File, SpoolError> {
+pub fn open_for_append(path: &std::path::Path) -> Result<File, StoreError> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| SpoolError::Storage(format!("cannot open {}: {e}", path.display())))
+        .map_err(|e| StoreError::Storage(format!("cannot open {}: {e}", path.display())))
 }
 
 /// Segment read handles by number.

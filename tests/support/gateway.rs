@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use actiongate::config::Config;
 use actiongate::metrics::Metrics;
-use actiongate::spool::{Spool, SpoolCounts};
+use actiongate::spool::Spool;
+use actiongate::store::StoreCounts;
 
 use super::{client, eventually, free_port};
 
@@ -46,7 +47,14 @@ impl Gateway {
         // them by starting its YAML with an `admin: {…}` and/or a `spool: {…}` line.
         let (admin_line, yaml) = merge_line(yaml, "admin", &format!("addr: \"{admin}\""));
         let path = format!("path: \"{}\"", dir.path().join("spool").display());
-        let (spool, yaml) = merge_line(&yaml, "spool", &path);
+        // A cluster test gives its own `spool: {postgres: …}` line: no path then.
+        let (spool, yaml) = match yaml.strip_prefix("spool: {postgres:") {
+            Some(_) => {
+                let (line, rest) = yaml.split_once('\n').unwrap_or((&yaml, ""));
+                (format!("{line}\n"), rest.to_string())
+            }
+            None => merge_line(&yaml, "spool", &path),
+        };
         let config = format!("listen: [{{addr: \"{addr}\"{listener}}}]\n{admin_line}{spool}{yaml}");
         std::fs::write(dir.path().join("actiongate.yaml"), config).expect("write config");
         let mut gateway = Gateway {
@@ -118,6 +126,8 @@ impl Gateway {
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
+            // Relative paths (a cluster's pid file and upgrade socket in ./data) stay the test's.
+            .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -251,7 +261,7 @@ impl Gateway {
     }
 
     /// What the spool holds; the gateway must be stopped (the store is single-process).
-    pub fn stored(&self) -> SpoolCounts {
+    pub fn stored(&self) -> StoreCounts {
         assert!(
             self.child.is_none(),
             "stop the gateway before opening its spool"

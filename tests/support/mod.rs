@@ -6,6 +6,7 @@ pub mod client;
 pub mod flashduty;
 pub mod fs;
 pub mod gateway;
+pub mod postgres;
 pub mod tls;
 pub mod upstream;
 

@@ -1,10 +1,11 @@
 //! Guard state for destructive actions (`guard:` in the config): which incidents an action ran
-//! for lately, and how often it ran in the last hour, decided in the writer together with the
+//! for lately, and how often it ran in the last hour, decided by the store together with the
 //! event's own dedup check, so two pushes racing for one incident cannot both pass.
 //!
-//! The state is kept as dedup keys of its own, written in the accepted event's batch: a key
-//! already outlives restarts and compaction (it is carried while unexpired), which is exactly
-//! the life a guard window needs, so guards add no record type and no carry rule of their own.
+//! The state is kept as dedup keys of its own, written with the accepted event: in the spool a
+//! key already outlives restarts and compaction (it is carried while unexpired), and in
+//! PostgreSQL it is a row of the keys table, which is exactly the life a guard window needs, so
+//! guards add no record type and no carry rule of their own.
 //! Internal keys begin with U+001F, which no event key does (those begin with the action's
 //! name).
 
@@ -48,6 +49,14 @@ pub fn rate_key(action: &str, seq: u64) -> String {
     format!("{PREFIX}rate{PREFIX}{action}{PREFIX}{seq}")
 }
 
+/// The bounds of every [`rate_key`] of `action`, compared as bytes: `low <= key < high`.
+pub fn rate_key_range(action: &str) -> (String, String) {
+    (
+        format!("{PREFIX}rate{PREFIX}{action}{PREFIX}"),
+        format!("{PREFIX}rate{PREFIX}{action}\u{20}"),
+    )
+}
+
 /// The key that makes a guard refusal of (action, event_id) reported once, however often
 /// Flashduty sends it again.
 pub fn report_key(action: &str, event_id: &str) -> String {
@@ -76,5 +85,11 @@ mod tests {
         assert_eq!(parse_rate_key(&report_key("restart", "42")), None);
         assert_eq!(parse_rate_key("restart\u{1f}rate"), None);
         assert_eq!(parse_rate_key("\u{1f}rate\u{1f}a\u{1f}x"), None);
+        let (low, high) = rate_key_range("a");
+        let key = rate_key("a", 7);
+        assert!(low <= key && key < high);
+        for other in [rate_key("ab", 7), rate_key("", 7), once_key("a", "7")] {
+            assert!(!(low <= other && other < high), "{other:?}");
+        }
     }
 }
