@@ -260,6 +260,101 @@ async fn the_database_down_is_answered_503_at_once_and_accepting_resumes_when_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_gone_silent_is_answered_503_within_the_deadline_and_then_marked_down() {
+    let db = PgServer::primary().await;
+    let upstream = Upstream::ok().await;
+    let gateway = Gateway::start(&config(&db.url(), &upstream.url("/"), "")).await;
+    assert_eq!(post(&gateway, "before").await.status, 200);
+
+    // No reset, no answer: what a host that died or a partition looks like.
+    db.signal_all("-STOP");
+    let resumed = scopeguard(&db);
+    let started = Instant::now();
+    let refused = post(&gateway, "while-silent").await;
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert!(refused.header("retry-after").is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered only after {:?}",
+        started.elapsed()
+    );
+    // The hung call times out, the store is marked down: the load balancer is told.
+    eventually_async(WAIT, || async {
+        let ready = client::get(gateway.admin, "/readyz").await;
+        (ready.status == 503 && ready.json()["status"] == "database unavailable").then_some(())
+    })
+    .await;
+    let refused = post(&gateway, "while-down").await;
+    assert_eq!(refused.status, 503);
+
+    drop(resumed);
+    eventually_async(WAIT, || async {
+        (post(&gateway, "after").await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(client::get(gateway.admin, "/readyz").await.status, 200);
+    upstream.wait_for(2, WAIT).await;
+    drained(&db).await;
+    let seen = deliveries(&upstream.received());
+    assert!(
+        seen.contains_key("before") && seen.contains_key("after"),
+        "{seen:?}"
+    );
+}
+
+/// Sends SIGCONT to the server when dropped, so that a failing test leaves no stopped server.
+fn scopeguard(db: &PgServer) -> impl Drop + '_ {
+    struct Resume<'a>(&'a PgServer);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal_all("-CONT");
+        }
+    }
+    Resume(db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_leaves_alone_the_lanes_another_instance_runs() {
+    let db = PgServer::primary().await;
+    // A's `up` takes one attempt at a time and never answers: a backlog that waits, overdue,
+    // on a lane A runs.
+    let hung = Upstream::start(|_, _| Reply::Hang).await;
+    let with_up = config(&db.url(), &hung.url("/"), "").replace(
+        "retry: {attempts: 3, backoff: 10ms, max_backoff: 50ms}",
+        "timeout: 60s, concurrency: 1",
+    );
+    let a = Gateway::start(&with_up).await;
+    for i in 0..4 {
+        assert_eq!(post(&a, &format!("roll-{i}")).await.status, 200);
+    }
+    hung.wait_for(1, WAIT).await;
+    // B runs a newer config without `up` (a rolling change): for B the lane is an orphan, and
+    // its deliveries are overdue past the grace (10 s); but A announces that it runs the lane.
+    let other = Upstream::ok().await;
+    let without_up = config(&db.url(), &other.url("/"), "").replace("name: up,", "name: other,");
+    let b = Gateway::start(&without_up).await;
+    assert_eq!(post(&b, "on-b").await.status, 200);
+    other.wait_for(1, WAIT).await;
+    // Past the grace, and three of B's sweeps (every 2 s) after it.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert!(
+        dead_letters(&b).await.is_empty(),
+        "B dead-lettered deliveries of a lane A runs"
+    );
+    let pending = db.query(
+        "actiongate",
+        "SELECT count(*) FROM actiongate_deliveries WHERE lane = 'act/up' AND dead_ms IS NULL",
+    );
+    assert_eq!(pending.trim(), "4");
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_event() {
     let mut primary = PgServer::primary().await;
     let standby = PgServer::standby_of(&primary).await;

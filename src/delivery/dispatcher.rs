@@ -34,6 +34,9 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// How often deliveries for lanes that are no longer configured are looked for. A request
 /// still running on the config before a reload can store one after its lane has let go.
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// A sweep takes a lane's deliveries this many at a time, at most this many times a round.
+const SWEEP_SLICE: usize = 1_000;
+const SWEEP_PASSES: usize = 1_000;
 
 /// Runs every lane. Shared by the background service that runs it and by reloads, which add,
 /// change and retire lanes while it runs.
@@ -219,6 +222,7 @@ impl Dispatcher {
                 retired.push(key.clone());
             }
         }
+        self.store.announce_lanes(configured.into_iter().collect());
         retired
     }
 
@@ -294,7 +298,7 @@ impl Dispatcher {
         let orphans: Vec<String> = {
             let lanes = self.lanes();
             pending
-                .into_keys()
+                .into_iter()
                 .filter(|key| !lanes.contains_key(key))
                 .collect()
         };
@@ -324,44 +328,65 @@ impl Dispatcher {
     }
 
     async fn dead_letter_lane(&self, key: &str) {
-        // A lane another instance of a cluster still runs keeps its deliveries taken: only
-        // what no instance has taken for the store's grace is an orphan.
-        // Otherwise everything the lane holds goes, retries backing off included.
+        // In a cluster, a lane another instance runs is that instance's to deliver.
+        match self.store.lanes_run_elsewhere().await {
+            Ok(elsewhere) if elsewhere.contains(key) => return,
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("cannot tell whether another instance runs {key}: {e}");
+                return;
+            }
+        }
+        // Everything the lane holds goes, retries backing off included; in a cluster, only
+        // what waited past the store's grace.
         let grace = self.store.orphan_grace();
         let upto = if grace.is_zero() {
             u64::MAX
         } else {
             now_ms().saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX))
         };
-        let ids = self
-            .store
-            .due(key, upto, usize::MAX, &HashSet::new())
-            .await
-            .unwrap_or_default();
-        if ids.is_empty() {
-            return;
+        let mut swept = 0usize;
+        // Bounded: each pass takes up to SWEEP_SLICE and finishes them.
+        for _ in 0..SWEEP_PASSES {
+            let ids = self
+                .store
+                .due(key, upto, SWEEP_SLICE, &HashSet::new())
+                .await
+                .unwrap_or_default();
+            if ids.is_empty() {
+                break;
+            }
+            if swept == 0 {
+                log::warn!(
+                    "deliveries for {key}, which is no longer configured, go to dead letters"
+                );
+            }
+            for (i, &id) in ids.iter().enumerate() {
+                if self.lanes().contains_key(key) {
+                    log::warn!("{key} is configured again: its remaining deliveries stay due");
+                    for &left in &ids[i..] {
+                        self.store.release(left);
+                    }
+                    return;
+                }
+                let error = format!("{key} is no longer configured");
+                let at_ms = now_ms();
+                let report = self.sweep_report(key, id, &error, at_ms).await;
+                let finish = Finish::Dead {
+                    at_ms,
+                    error,
+                    status: None,
+                    attempted: false,
+                };
+                if let Err(e) = self.store.finish_reported(id, finish, report).await {
+                    log::error!("cannot dead-letter delivery {id}: {e}");
+                    self.store.release(id);
+                }
+                swept += 1;
+            }
         }
-        log::warn!(
-            "{} deliveries for {key}, which is no longer configured, go to dead letters",
-            ids.len()
-        );
-        for id in ids {
-            if self.lanes().contains_key(key) {
-                log::warn!("{key} is configured again: its remaining deliveries stay due");
-                return;
-            }
-            let error = format!("{key} is no longer configured");
-            let at_ms = now_ms();
-            let report = self.sweep_report(key, id, &error, at_ms).await;
-            let finish = Finish::Dead {
-                at_ms,
-                error,
-                status: None,
-                attempted: false,
-            };
-            if let Err(e) = self.store.finish_reported(id, finish, report).await {
-                log::error!("cannot dead-letter delivery {id}: {e}");
-            }
+        if swept > 0 {
+            log::warn!("{swept} deliveries for {key} went to dead letters");
         }
     }
 }
@@ -763,8 +788,12 @@ async fn record_finish(
                 lane.metrics.lag.observe(lag as f64 / 1000.0);
             }
         }
-        // The delivery stays due as it was and is tried again: at least once.
-        Err(e) => log::error!("lane {}: cannot record delivery {id}: {e}", lane.key),
+        // The delivery stays due as it was and is tried again: at least once. Not at once:
+        // a store that cannot record results would otherwise have it sent again and again.
+        Err(e) => {
+            log::error!("lane {}: cannot record delivery {id}: {e}", lane.key);
+            tokio::time::sleep(ERROR_PAUSE).await;
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod guard;
 pub mod postgres;
 mod record;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -239,11 +239,27 @@ impl Store {
         }
     }
 
-    /// Lanes that hold pending deliveries, with their counts.
-    pub async fn pending_lanes(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+    /// Lanes that hold pending deliveries.
+    pub async fn pending_lanes(&self) -> Result<BTreeSet<String>, StoreError> {
         match self {
-            Store::Local(spool) => spool.pending_lanes(),
+            Store::Local(spool) => Ok(spool.pending_lanes()?.into_keys().collect()),
             Store::Postgres(pg) => pg.pending_lanes().await,
+        }
+    }
+
+    /// Lanes another instance of the cluster runs, which this one must leave alone whatever
+    /// its own config says (a rolling change of config). None for the spool.
+    pub async fn lanes_run_elsewhere(&self) -> Result<HashSet<String>, StoreError> {
+        match self {
+            Store::Local(_) => Ok(HashSet::new()),
+            Store::Postgres(pg) => pg.lanes_run_elsewhere().await,
+        }
+    }
+
+    /// Tells the store which lanes this instance runs (after every reload).
+    pub fn announce_lanes(&self, lanes: Vec<String>) {
+        if let Store::Postgres(pg) = self {
+            pg.announce_lanes(lanes);
         }
     }
 
@@ -305,10 +321,11 @@ impl Store {
         }
     }
 
-    /// How long deliveries of a lane this instance does not run must wait before a sweep
+    /// How long deliveries of a lane that no instance runs must have waited before a sweep
     /// dead-letters them. Zero for the spool, which only this instance serves. In cluster
-    /// mode another instance may run the lane (a rolling change of config): a delivery it
-    /// leaves untaken for this long is one no instance runs.
+    /// mode, a lane an instance announced lately is never swept (see
+    /// [`Store::lanes_run_elsewhere`]); the wait covers an instance that has accepted events
+    /// for a new lane and not yet announced it.
     pub fn orphan_grace(&self) -> Duration {
         match self {
             Store::Local(_) => Duration::ZERO,

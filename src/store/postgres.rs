@@ -10,11 +10,16 @@
 //! - **Guards** run under a transaction-scoped advisory lock per action, so that two pushes
 //!   racing on two instances are decided one after the other, as the spool's writer does.
 //! - **Deliveries are claimed** with `FOR UPDATE SKIP LOCKED` and a lease, renewed while the
-//!   attempt runs. The claims of an instance that died are taken over when their lease runs
-//!   out; LISTEN/NOTIFY wakes every instance's lanes when work is committed.
-//! - **The database down or failing over**: the first failed call marks the store down, appends
-//!   are refused at once (503 with Retry-After) and `/readyz` says so, while a probe reconnects
-//!   with backoff; the first read-write answer (a multi-host URL with
+//!   attempt runs; a result is recorded only by the instance that holds the claim. The claims
+//!   of an instance that died are taken over when their lease runs out. LISTEN/NOTIFY wakes
+//!   every instance's lanes when work is committed; the NOTIFY is sent after the commit, on a
+//!   connection of its own, because a NOTIFY inside a transaction takes a database-wide lock
+//!   until the commit (and its wait for a synchronous standby) is over, which would make the
+//!   whole cluster's commits take turns.
+//! - **The database down or failing over**: a call that fails for want of a server, or takes
+//!   longer than [`OP_TIMEOUT`] (a host gone silent sends no reset), marks the store down;
+//!   appends are then refused at once (503 with Retry-After) and `/readyz` says so, while a
+//!   probe connects afresh with backoff; the first read-write answer (a multi-host URL with
 //!   `target_session_attrs=read-write` finds the promoted standby) clears it.
 //!
 //! The client is tokio-postgres with deadpool-postgres: tokio-postgres is the async driver the
@@ -26,8 +31,10 @@
 //! the store is opened, and the connections' tasks then live on one runtime whatever service's
 //! runtime calls in.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+    Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, TimeoutType, Transaction,
 };
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
@@ -56,8 +63,20 @@ const SCHEMA_VERSION: i32 = 1;
 /// its last renewal.
 const LEASE: Duration = Duration::from_secs(30);
 
-/// See [`super::Store::orphan_grace`].
-pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);
+/// How often held claims are renewed: six chances before one runs out.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// See [`super::Store::orphan_grace`]. Instances announce their lanes before they accept a
+/// request and every [`MAINTENANCE_EVERY`] after: this is ample for the first announcement.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(10);
+
+/// A lane announced by an instance within this long is run by a live instance: six rounds of
+/// announcements, so that a slow round or two does not let another instance sweep it.
+const LANE_FRESH: Duration = Duration::from_secs(30);
+
+/// Longest a database call may take. Past it the connection is dropped and the store marked
+/// down: a server that answers nothing (a host gone silent, a partition) sends no reset.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest an append waits for its commit before it is answered 503: a retry of an event that
 /// did commit meanwhile is then a duplicate. Below Flashduty's one-second deadline.
@@ -76,8 +95,10 @@ const PROBE_FIRST: Duration = Duration::from_millis(50);
 const PROBE_MAX: Duration = Duration::from_secs(1);
 /// How often expired keys and finished events are deleted, and the gauges refreshed.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
-/// Rows deleted per maintenance statement, so that a large purge never holds locks for long.
-const PURGE_SLICE: i64 = 10_000;
+/// Rows deleted per maintenance statement, so that a large purge never holds locks for long,
+/// and statements per round.
+const PURGE_SLICE: i64 = 5_000;
+const PURGE_ROUNDS: usize = 20;
 
 const CHANNEL: &str = "actiongate_work";
 
@@ -105,6 +126,14 @@ struct Core {
     went_down: Notify,
     /// Deliveries this instance has claimed and not finished: their leases are renewed.
     held: Mutex<HashSet<i64>>,
+    /// The lanes this instance runs, announced in `actiongate_lanes` so that no other
+    /// instance takes their deliveries for orphans.
+    lanes: Mutex<Vec<String>>,
+    /// Set when committed work should wake the other instances; the listener sends one NOTIFY
+    /// for however many commits asked since the last.
+    notify_others: Notify,
+    /// Set when the lanes changed, to announce them at once.
+    lanes_changed: Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -196,8 +225,16 @@ CREATE TABLE actiongate_deliveries (
 );
 CREATE INDEX actiongate_deliveries_due ON actiongate_deliveries (lane, due_ms, id)
     WHERE dead_ms IS NULL;
+CREATE INDEX actiongate_deliveries_leased ON actiongate_deliveries (lane, leased_until)
+    WHERE dead_ms IS NULL AND leased_until > 0;
 CREATE INDEX actiongate_deliveries_dead ON actiongate_deliveries (id) WHERE dead_ms IS NOT NULL;
 CREATE INDEX actiongate_deliveries_event ON actiongate_deliveries (event);
+CREATE TABLE actiongate_lanes (
+    lane text NOT NULL,
+    instance text NOT NULL,
+    seen_ms bigint NOT NULL,
+    PRIMARY KEY (lane, instance)
+);
 ";
 
 /// An event with its deliveries, unless its key (when it has one) is held and unexpired.
@@ -255,12 +292,14 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     match e.code() {
         // No database error at all: the socket failed, or a timeout.
         None => true,
+        // Read-only (a standby, or a primary being demoted), connection failures (08),
+        // credentials refused (28), no such database (3D), out of connections or resources
+        // (53), the server shutting down (57P).
         Some(code) => {
             *code == SqlState::READ_ONLY_SQL_TRANSACTION
-                || *code == SqlState::ADMIN_SHUTDOWN
-                || *code == SqlState::CRASH_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW
-                || code.code().starts_with("08")
+                || ["08", "28", "3D", "53", "57P"]
+                    .iter()
+                    .any(|class| code.code().starts_with(class))
         }
     }
 }
@@ -275,6 +314,16 @@ fn is_conflict(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| {
         *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
     })
+}
+
+/// Text as PostgreSQL takes it: a NUL byte (which JSON can carry as `\u0000`, and an
+/// upstream's answer can hold) is refused in `text`, so it becomes U+FFFD.
+fn clean(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    }
 }
 
 /// A database error, described without the URL (which may hold a password).
@@ -300,8 +349,13 @@ impl Postgres {
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(2));
         }
+        // A server that vanishes without a reset is noticed by the operation timeouts; these
+        // make the kernel give up on its sockets too, instead of after fifteen minutes.
         pg.keepalives(true)
             .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(OP_TIMEOUT)
             .application_name("actiongate");
         migrate(&pg, wait)?;
         let manager = Manager::from_config(
@@ -329,6 +383,9 @@ impl Postgres {
             is_down: AtomicBool::new(false),
             went_down: Notify::new(),
             held: Mutex::new(HashSet::new()),
+            lanes: Mutex::new(Vec::new()),
+            notify_others: Notify::new(),
+            lanes_changed: Notify::new(),
             metrics,
         });
         Ok(Postgres {
@@ -397,12 +454,20 @@ impl Postgres {
         let id = i64_of(delivery);
         let result = self
             .run(async move {
-                core.transaction(move |tx| {
-                    let finish = finish.clone();
-                    let report = report.clone();
-                    Box::pin(async move { settle(tx, id, &finish, report.as_ref()).await })
-                })
-                .await
+                let instance = core.instance.clone();
+                let reported = core
+                    .transaction(move |tx| {
+                        let (finish, report, instance) =
+                            (finish.clone(), report.clone(), instance.clone());
+                        Box::pin(async move {
+                            settle(tx, id, &instance, &finish, report.as_ref()).await
+                        })
+                    })
+                    .await?;
+                if reported {
+                    core.notify_others.notify_one();
+                }
+                Ok(reported)
             })
             .await;
         self.core.held().remove(&id);
@@ -416,23 +481,25 @@ impl Postgres {
         let core = self.core.clone();
         let replayed = self
             .run(async move {
-                core.transaction(move |tx| {
-                    Box::pin(async move {
-                        let n = tx
-                            .execute(
-                                "UPDATE actiongate_deliveries
-                                 SET dead_ms = NULL, attempts = 0, due_ms = $1, leased_until = 0
-                                 WHERE dead_ms IS NOT NULL AND ($2::bigint IS NULL OR id = $2)",
-                                &[&i64_of(now_ms()), &id.map(i64_of)],
-                            )
-                            .await?;
-                        if n > 0 {
-                            tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
-                        }
-                        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+                let n = core
+                    .on_client(move |client| {
+                        Box::pin(async move {
+                            client
+                                .execute(
+                                    "UPDATE actiongate_deliveries
+                                     SET dead_ms = NULL, attempts = 0, due_ms = $1,
+                                         leased_until = 0, leased_by = NULL
+                                     WHERE dead_ms IS NOT NULL AND ($2::bigint IS NULL OR id = $2)",
+                                    &[&i64_of(now_ms()), &id.map(i64_of)],
+                                )
+                                .await
+                        })
                     })
-                })
-                .await
+                    .await?;
+                if n > 0 {
+                    core.notify_others.notify_one();
+                }
+                Ok(usize::try_from(n).unwrap_or(usize::MAX))
             })
             .await?;
         if replayed > 0 {
@@ -444,14 +511,19 @@ impl Postgres {
     pub async fn purge(&self, id: u64) -> Result<bool, StoreError> {
         let core = self.core.clone();
         self.run(async move {
-            let client = core.client().await?;
-            let n = client
-                .execute(
-                    "DELETE FROM actiongate_deliveries WHERE id = $1 AND dead_ms IS NOT NULL",
-                    &[&i64_of(id)],
-                )
-                .await
-                .map_err(|e| core.failed(&e))?;
+            let n = core
+                .on_client(move |client| {
+                    Box::pin(async move {
+                        client
+                            .execute(
+                                "DELETE FROM actiongate_deliveries
+                                 WHERE id = $1 AND dead_ms IS NOT NULL",
+                                &[&i64_of(id)],
+                            )
+                            .await
+                    })
+                })
+                .await?;
             Ok(n > 0)
         })
         .await
@@ -477,34 +549,42 @@ impl Postgres {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let ids = self
             .run(async move {
-                let client = core.client().await?;
-                let wall = now_ms();
-                let rows = client
-                    .query(
-                        "UPDATE actiongate_deliveries SET leased_until = $4, leased_by = $5
-                         WHERE id IN (
-                             SELECT id FROM actiongate_deliveries
-                             WHERE lane = $1 AND dead_ms IS NULL AND due_ms <= $2
-                               AND (leased_until <= $6 OR leased_by = $5) AND id <> ALL($3)
-                             ORDER BY due_ms, id LIMIT $7
-                             FOR UPDATE SKIP LOCKED)
-                         RETURNING id",
-                        &[
-                            &lane,
-                            &i64_of(now),
-                            &skip,
-                            &i64_of(wall.saturating_add(millis(LEASE))),
-                            &core.instance,
-                            &i64_of(wall),
-                            &limit,
-                        ],
-                    )
-                    .await
-                    .map_err(|e| core.failed(&e))?;
-                let mut ids = Vec::with_capacity(rows.len());
-                for row in rows {
-                    ids.push(row.try_get::<_, i64>(0).map_err(bad_row)?);
-                }
+                let instance = core.instance.clone();
+                let rows = core
+                    .on_client(move |client| {
+                        Box::pin(async move {
+                            let wall = now_ms();
+                            client
+                                .query(
+                                    "UPDATE actiongate_deliveries
+                                     SET leased_until = $4, leased_by = $5
+                                     WHERE id IN (
+                                         SELECT id FROM actiongate_deliveries
+                                         WHERE lane = $1 AND dead_ms IS NULL AND due_ms <= $2
+                                           AND (leased_until <= $6 OR leased_by = $5)
+                                           AND id <> ALL($3)
+                                         ORDER BY due_ms, id LIMIT $7
+                                         FOR UPDATE SKIP LOCKED)
+                                     RETURNING id",
+                                    &[
+                                        &lane,
+                                        &i64_of(now),
+                                        &skip,
+                                        &i64_of(wall.saturating_add(millis(LEASE))),
+                                        &instance,
+                                        &i64_of(wall),
+                                        &limit,
+                                    ],
+                                )
+                                .await
+                        })
+                    })
+                    .await?;
+                let mut ids = rows
+                    .iter()
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(bad_row)?;
                 ids.sort_unstable();
                 core.held().extend(ids.iter().copied());
                 Ok(ids)
@@ -519,6 +599,9 @@ impl Postgres {
         self.core.held().remove(&i64_of(delivery));
     }
 
+    /// When the lane should look again: the earliest due delivery it could take, or the
+    /// earliest claim of another instance to run out. Two index lookups, never a scan of the
+    /// lane's backlog: this runs at every wake-up of every lane.
     pub async fn next_due_ms(
         &self,
         lane: &str,
@@ -528,17 +611,26 @@ impl Postgres {
         let lane = lane.to_string();
         let skip: Vec<i64> = skip.iter().map(|&id| i64_of(id)).collect();
         self.run(async move {
-            let client = core.client().await?;
-            let row = client
-                .query_one(
-                    "SELECT min(greatest(due_ms,
-                                CASE WHEN leased_by = $3 THEN 0 ELSE leased_until END))
-                     FROM actiongate_deliveries
-                     WHERE lane = $1 AND dead_ms IS NULL AND id <> ALL($2)",
-                    &[&lane, &skip, &core.instance],
-                )
-                .await
-                .map_err(|e| core.failed(&e))?;
+            let instance = core.instance.clone();
+            let row = core
+                .on_client(move |client| {
+                    Box::pin(async move {
+                        client
+                            .query_one(
+                                "SELECT least(
+                                     (SELECT due_ms FROM actiongate_deliveries
+                                      WHERE lane = $1 AND dead_ms IS NULL AND id <> ALL($2)
+                                        AND (leased_until <= $4 OR leased_by = $3)
+                                      ORDER BY due_ms LIMIT 1),
+                                     (SELECT min(leased_until) FROM actiongate_deliveries
+                                      WHERE lane = $1 AND dead_ms IS NULL AND leased_until > $4
+                                        AND leased_by <> $3))",
+                                &[&lane, &skip, &instance, &i64_of(now_ms())],
+                            )
+                            .await
+                    })
+                })
+                .await?;
             let due: Option<i64> = row.try_get(0).map_err(bad_row)?;
             Ok(due.map(u64_of))
         })
@@ -550,18 +642,23 @@ impl Postgres {
         let id = i64_of(delivery);
         let found = self
             .run(async move {
-                let client = core.client().await?;
-                let row = client
-                    .query_opt(
-                        &format!(
-                            "SELECT {RECORD_COLUMNS}, body FROM actiongate_deliveries d
-                             JOIN actiongate_events e ON e.seq = d.event
-                             WHERE d.id = $1 AND d.dead_ms IS NULL"
-                        ),
-                        &[&id],
-                    )
-                    .await
-                    .map_err(|e| core.failed(&e))?;
+                let row = core
+                    .on_client(move |client| {
+                        Box::pin(async move {
+                            client
+                                .query_opt(
+                                    &format!(
+                                        "SELECT {RECORD_COLUMNS}, body
+                                         FROM actiongate_deliveries d
+                                         JOIN actiongate_events e ON e.seq = d.event
+                                         WHERE d.id = $1 AND d.dead_ms IS NULL"
+                                    ),
+                                    &[&id],
+                                )
+                                .await
+                        })
+                    })
+                    .await?;
                 let Some(row) = row else {
                     return Ok(None);
                 };
@@ -576,44 +673,91 @@ impl Postgres {
         found
     }
 
-    pub async fn pending_lanes(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+    /// Lanes that hold pending deliveries: one index probe per lane, not a scan of them all.
+    pub async fn pending_lanes(&self) -> Result<BTreeSet<String>, StoreError> {
         let core = self.core.clone();
         self.run(async move {
-            let client = core.client().await?;
-            let rows = client
-                .query(
-                    "SELECT lane, count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL
-                     GROUP BY lane",
-                    &[],
-                )
-                .await
-                .map_err(|e| core.failed(&e))?;
-            let mut lanes = BTreeMap::new();
-            for row in rows {
-                let lane: String = row.try_get(0).map_err(bad_row)?;
-                let n: i64 = row.try_get(1).map_err(bad_row)?;
-                lanes.insert(lane, u64_of(n));
-            }
-            Ok(lanes)
+            let rows = core
+                .on_client(move |client| {
+                    Box::pin(async move {
+                        client
+                            .query(
+                                "WITH RECURSIVE lanes AS (
+                                     (SELECT lane FROM actiongate_deliveries
+                                      WHERE dead_ms IS NULL ORDER BY lane LIMIT 1)
+                                     UNION ALL
+                                     SELECT (SELECT d.lane FROM actiongate_deliveries d
+                                             WHERE d.dead_ms IS NULL AND d.lane > lanes.lane
+                                             ORDER BY d.lane LIMIT 1)
+                                     FROM lanes WHERE lanes.lane IS NOT NULL)
+                                 SELECT lane FROM lanes WHERE lane IS NOT NULL",
+                                &[],
+                            )
+                            .await
+                    })
+                })
+                .await?;
+            rows.iter()
+                .map(|row| row.try_get::<_, String>(0).map_err(bad_row))
+                .collect()
         })
         .await
+    }
+
+    /// Lanes another live instance runs: their deliveries are no orphans, whatever this
+    /// instance's config says.
+    pub async fn lanes_run_elsewhere(&self) -> Result<HashSet<String>, StoreError> {
+        let core = self.core.clone();
+        self.run(async move {
+            let instance = core.instance.clone();
+            let rows = core
+                .on_client(move |client| {
+                    Box::pin(async move {
+                        let since = i64_of(now_ms().saturating_sub(millis(LANE_FRESH)));
+                        client
+                            .query(
+                                "SELECT DISTINCT lane FROM actiongate_lanes
+                                 WHERE instance <> $1 AND seen_ms > $2",
+                                &[&instance, &since],
+                            )
+                            .await
+                    })
+                })
+                .await?;
+            rows.iter()
+                .map(|row| row.try_get::<_, String>(0).map_err(bad_row))
+                .collect()
+        })
+        .await
+    }
+
+    /// The lanes this instance runs from now on; announced to the others at once.
+    pub fn announce_lanes(&self, lanes: Vec<String>) {
+        *self.core.lanes.lock().unwrap_or_else(|e| e.into_inner()) = lanes;
+        // Announced by a task of the store's runtime, which starts with the first lane (after
+        // a daemonizing server's fork: threads do not survive it).
+        self.core.lanes_changed.notify_one();
     }
 
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
         let core = self.core.clone();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(async move {
-            let client = core.client().await?;
-            let rows = client
-                .query(
-                    &format!(
-                        "SELECT {RECORD_COLUMNS} FROM actiongate_deliveries d
-                         WHERE dead_ms IS NOT NULL ORDER BY id LIMIT $1"
-                    ),
-                    &[&limit],
-                )
-                .await
-                .map_err(|e| core.failed(&e))?;
+            let rows = core
+                .on_client(move |client| {
+                    Box::pin(async move {
+                        client
+                            .query(
+                                &format!(
+                                    "SELECT {RECORD_COLUMNS} FROM actiongate_deliveries d
+                                     WHERE dead_ms IS NOT NULL ORDER BY id LIMIT $1"
+                                ),
+                                &[&limit],
+                            )
+                            .await
+                    })
+                })
+                .await?;
             rows.iter()
                 .map(|row| record_of(row).map_err(bad_row))
                 .collect()
@@ -624,21 +768,24 @@ impl Postgres {
     pub async fn counts(&self) -> Result<StoreCounts, StoreError> {
         let core = self.core.clone();
         self.run(async move {
-            let client = core.client().await?;
-            let now = i64_of(now_ms());
-            let row = client
-                .query_one(
-                    "SELECT (SELECT count(*) FROM actiongate_events),
-                            (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL),
-                            (SELECT count(*) FROM actiongate_keys WHERE expires_ms > $1),
-                            (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NOT NULL)",
-                    &[&now],
-                )
-                .await
-                .map_err(|e| core.failed(&e))?;
-            let get = |i: usize| -> Result<u64, StoreError> {
-                row.try_get::<_, i64>(i).map(u64_of).map_err(bad_row)
-            };
+            let row = core
+                .on_client(move |client| {
+                    Box::pin(async move {
+                        client
+                            .query_one(
+                                "SELECT
+                                 (SELECT count(*) FROM actiongate_events),
+                                 (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL),
+                                 (SELECT count(*) FROM actiongate_keys WHERE expires_ms > $1),
+                                 (SELECT count(*) FROM actiongate_deliveries
+                                  WHERE dead_ms IS NOT NULL)",
+                                &[&i64_of(now_ms())],
+                            )
+                            .await
+                    })
+                })
+                .await?;
+            let get = |i: usize| row.try_get::<_, i64>(i).map(u64_of).map_err(bad_row);
             Ok(StoreCounts {
                 events: get(0)?,
                 pending: get(1)?,
@@ -690,6 +837,7 @@ impl StoreRuntime {
         handle.spawn(listener(core.clone()));
         handle.spawn(probe(core.clone()));
         handle.spawn(maintenance(core.clone()));
+        handle.spawn(announcer(core.clone()));
         handle.spawn(renew_leases(core));
         let thread = std::thread::Builder::new()
             .name("store-postgres".into())
@@ -709,8 +857,7 @@ impl StoreRuntime {
     }
 }
 
-type TxFuture<'a, T> =
-    std::pin::Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>>;
+type TxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>>;
 
 impl Core {
     fn held(&self) -> MutexGuard<'_, HashSet<i64>> {
@@ -724,9 +871,15 @@ impl Core {
     fn mark_down(&self, why: String) {
         let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
         if down.is_none() {
-            log::error!("store: the database is unavailable: {why}; new events are answered 503 until it answers again");
+            log::error!(
+                "store: the database is unavailable: {why}; new events are answered 503 until \
+                 it answers again"
+            );
             self.metrics
                 .spool_refusing(SpoolRefusal::DatabaseUnavailable, true);
+            // Idle connections to that server would be handed out again: drop them all, so
+            // that the next calls connect afresh (to whichever server is primary by then).
+            self.pool.retain(|_, _| false);
         }
         *down = Some(why);
         self.is_down.store(true, Ordering::Release);
@@ -754,11 +907,18 @@ impl Core {
         }
     }
 
+    fn timed_out(&self) -> StoreError {
+        let why = format!("no answer within {} s", OP_TIMEOUT.as_secs());
+        self.mark_down(why.clone());
+        StoreError::Unavailable(why)
+    }
+
     async fn client(&self) -> Result<Object, StoreError> {
         match self.pool.get().await {
             Ok(client) => Ok(client),
             Err(deadpool_postgres::PoolError::Backend(e)) => Err(self.failed(&e)),
-            Err(deadpool_postgres::PoolError::Timeout(_)) => Err(StoreError::Busy),
+            // Every connection is in use: busy, not down.
+            Err(deadpool_postgres::PoolError::Timeout(TimeoutType::Wait)) => Err(StoreError::Busy),
             Err(e) => {
                 let why = e.to_string();
                 self.mark_down(why.clone());
@@ -767,7 +927,30 @@ impl Core {
         }
     }
 
-    /// Runs `body` in a transaction, again once if it lost a deadlock or serialization race.
+    /// Runs `body` on a pooled connection within [`OP_TIMEOUT`]. A connection whose server
+    /// failed or went silent is dropped, not put back.
+    async fn on_client<T>(
+        &self,
+        body: impl for<'c> FnOnce(&'c Object) -> TxFuture<'c, T>,
+    ) -> Result<T, StoreError> {
+        let client = self.client().await?;
+        match tokio::time::timeout(OP_TIMEOUT, body(&client)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                if is_unavailable(&e) {
+                    drop(Object::take(client));
+                }
+                Err(self.failed(&e))
+            }
+            Err(_) => {
+                drop(Object::take(client));
+                Err(self.timed_out())
+            }
+        }
+    }
+
+    /// Runs `body` in a transaction within [`OP_TIMEOUT`], again (up to twice) if it lost a
+    /// deadlock or serialization race.
     async fn transaction<T>(
         &self,
         body: impl for<'t> Fn(&'t Transaction<'t>) -> TxFuture<'t, T>,
@@ -776,43 +959,66 @@ impl Core {
         let mut tries = 0;
         loop {
             tries += 1;
-            let result = async {
+            let attempt = async {
                 let tx = client.transaction().await?;
                 let value = body(&tx).await?;
                 tx.commit().await?;
                 Ok::<T, tokio_postgres::Error>(value)
-            }
-            .await;
-            match result {
-                Ok(value) => return Ok(value),
-                Err(e) if is_conflict(&e) && tries < 3 => continue,
-                Err(e) => {
+            };
+            match tokio::time::timeout(OP_TIMEOUT, attempt).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if is_conflict(&e) && tries < 3 => continue,
+                Ok(Err(e)) => {
                     if is_unavailable(&e) {
-                        // Not back into the pool: a connection to a server that went read-only
-                        // would otherwise be handed out again.
                         drop(Object::take(client));
                     }
                     return Err(self.failed(&e));
+                }
+                Err(_) => {
+                    drop(Object::take(client));
+                    return Err(self.timed_out());
                 }
             }
         }
     }
 }
 
-/// Records a delivery's result and its report. Returns whether new work became due.
+/// Records a delivery's result and its report, if this instance still holds its claim.
+/// Returns whether a report was stored (new work for other instances).
 async fn settle(
     tx: &Transaction<'_>,
     id: i64,
+    instance: &str,
     finish: &Finish,
     report: Option<&NewEvent>,
 ) -> Result<bool, tokio_postgres::Error> {
+    // Each statement matches only a claim of this instance: if the claim ran out and another
+    // instance took the delivery, that instance's result is the one that counts.
     let changed = match finish {
         Finish::Delivered { .. } | Finish::Skipped => {
-            tx.execute(
-                "DELETE FROM actiongate_deliveries WHERE id = $1 AND dead_ms IS NULL",
-                &[&id],
-            )
-            .await?
+            let gone = tx
+                .query_opt(
+                    "DELETE FROM actiongate_deliveries
+                     WHERE id = $1 AND dead_ms IS NULL AND leased_by = $2
+                     RETURNING event",
+                    &[&id, &instance],
+                )
+                .await?;
+            match gone {
+                None => 0,
+                Some(row) => {
+                    let event: i64 = row.try_get(0)?;
+                    // The event goes with its last delivery (one finishing at the same moment
+                    // on another instance may leave it: maintenance takes those).
+                    tx.execute(
+                        "DELETE FROM actiongate_events WHERE seq = $1 AND NOT EXISTS (
+                             SELECT 1 FROM actiongate_deliveries WHERE event = $1)",
+                        &[&event],
+                    )
+                    .await?;
+                    1
+                }
+            }
         }
         Finish::Retry {
             at_ms,
@@ -823,14 +1029,16 @@ async fn settle(
             tx.execute(
                 "UPDATE actiongate_deliveries SET attempts = attempts + 1,
                      first_attempt_ms = coalesce(first_attempt_ms, $2), last_attempt_ms = $2,
-                     due_ms = $3, last_error = $4, last_status = $5, leased_until = 0
-                 WHERE id = $1 AND dead_ms IS NULL",
+                     due_ms = $3, last_error = $4, last_status = $5,
+                     leased_until = 0, leased_by = NULL
+                 WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
                 &[
                     &id,
                     &i64_of(*at_ms),
                     &i64_of(*due_ms),
-                    error,
+                    &clean(error),
                     &status.map(i32::from),
+                    &instance,
                 ],
             )
             .await?
@@ -848,33 +1056,29 @@ async fn settle(
                                         ELSE first_attempt_ms END,
                      last_attempt_ms = CASE WHEN $5 THEN $2 ELSE last_attempt_ms END,
                      dead_ms = $2, last_error = $3, last_status = coalesce($4, last_status),
-                     leased_until = 0
-                 WHERE id = $1 AND dead_ms IS NULL",
+                     leased_until = 0, leased_by = NULL
+                 WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
                 &[
                     &id,
                     &i64_of(*at_ms),
-                    error,
+                    &clean(error),
                     &status.map(i32::from),
                     attempted,
+                    &instance,
                 ],
             )
             .await?
         }
     };
     if changed == 0 {
-        // Finished meanwhile (by this instance after a replay, or by another that took it
-        // over): nothing to record, nothing to report.
+        // Finished meanwhile, or taken over by another instance: nothing to record, nothing
+        // to report.
         return Ok(false);
     }
-    let mut new_work = matches!(finish, Finish::Retry { .. });
-    if let Some(report) = report {
-        let rows = accept(tx, report, None, 0, now_ms()).await?;
-        new_work |= rows.is_some();
+    match report {
+        Some(report) => Ok(accept(tx, report, None, 0, now_ms()).await?.is_some()),
+        None => Ok(false),
     }
-    if new_work {
-        tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
-    }
-    Ok(new_work)
 }
 
 /// Runs the [`ACCEPT`] statement: the event's sequence number, or `None` if its key is held.
@@ -891,11 +1095,11 @@ async fn accept(
         .query_opt(
             &statement,
             &[
-                &key,
+                &key.map(clean),
                 &i64_of(expires_ms),
                 &i64_of(now),
                 &event.action.as_ref(),
-                &event.event_id,
+                &clean(&event.event_id),
                 &event.body.as_ref(),
                 &upstreams,
             ],
@@ -930,7 +1134,22 @@ async fn committer(core: Arc<Core>, mut queue: mpsc::Receiver<Pending>) {
     }
 }
 
+/// Stores a batch of appends in one transaction and answers each. Should a statement fail
+/// for one of them (not the server), each is stored in a transaction of its own instead, so
+/// that one bad event costs only its own answer.
 async fn commit(core: &Core, batch: Vec<Pending>) {
+    // An append whose caller stopped waiting (its deadline passed, it was answered 503) is
+    // not stored late: a sender told "not accepted" must not see the action run.
+    let mut batch: Vec<Pending> = batch.into_iter().filter(|p| !p.reply.is_closed()).collect();
+    if batch.is_empty() {
+        return;
+    }
+    // One order for the locks every transaction takes (keys, guard locks), so that two batches
+    // holding the same events cannot wait for each other.
+    batch.sort_by(|a, b| {
+        (a.event.action.as_ref(), &a.event.event_id)
+            .cmp(&(b.event.action.as_ref(), &b.event.event_id))
+    });
     let started = Instant::now();
     let size = batch.len();
     let (jobs, replies): (Vec<(NewEvent, Admit)>, Vec<_>) = batch
@@ -938,39 +1157,56 @@ async fn commit(core: &Core, batch: Vec<Pending>) {
         .map(|p| ((p.event, p.admit), p.reply))
         .unzip();
     let jobs = Arc::new(jobs);
-    let window = core.dedup_window_ms;
-    let result = core
-        .transaction(|tx| {
-            let jobs = jobs.clone();
-            Box::pin(async move {
-                let now = now_ms();
-                let mut answers = Vec::with_capacity(jobs.len());
-                for (event, admit) in jobs.iter() {
-                    answers.push(admit_one(tx, event, admit, now, window).await?);
-                }
-                if answers.iter().any(|a| matches!(a, Appended::Accepted(_))) {
-                    tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await?;
-                }
-                Ok(answers)
-            })
-        })
-        .await;
-    match result {
+    let all = store_jobs(core, jobs.clone(), (0..size).collect()).await;
+    let answers: Vec<Result<Appended, StoreError>> = match all {
         Ok(answers) => {
             core.metrics.observe_spool_commit(size, started.elapsed());
-            if answers.iter().any(|a| matches!(a, Appended::Accepted(_))) {
-                core.work.notify_waiters();
-            }
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(Ok(answer));
-            }
+            answers.into_iter().map(Ok).collect()
         }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+        Err(StoreError::Storage(why)) if size > 1 => {
+            log::warn!("store: a batch of {size} failed ({why}); storing its events one by one");
+            let mut answers = Vec::with_capacity(size);
+            for i in 0..size {
+                let one = store_jobs(core, jobs.clone(), vec![i]).await;
+                answers.push(one.map(|mut a| a.remove(0)));
             }
+            answers
         }
+        Err(e) => vec![Err(e); size],
+    };
+    if answers
+        .iter()
+        .any(|a| matches!(a, Ok(Appended::Accepted(_))))
+    {
+        core.work.notify_waiters();
+        core.notify_others.notify_one();
     }
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        let _ = reply.send(answer);
+    }
+}
+
+/// Stores `jobs[i]` for each `i` of `which` in one transaction.
+async fn store_jobs(
+    core: &Core,
+    jobs: Arc<Vec<(NewEvent, Admit)>>,
+    which: Vec<usize>,
+) -> Result<Vec<Appended>, StoreError> {
+    let window = core.dedup_window_ms;
+    let which = Arc::new(which);
+    core.transaction(|tx| {
+        let (jobs, which) = (jobs.clone(), which.clone());
+        Box::pin(async move {
+            let now = now_ms();
+            let mut answers = Vec::with_capacity(which.len());
+            for &i in which.iter() {
+                let (event, admit) = &jobs[i];
+                answers.push(admit_one(tx, event, admit, now, window).await?);
+            }
+            Ok(answers)
+        })
+    })
+    .await
 }
 
 /// Stores one append inside the batch's transaction, or says why not.
@@ -1030,7 +1266,7 @@ async fn admit_one(
         tx.execute(
             "INSERT INTO actiongate_keys (key, expires_ms) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET expires_ms = EXCLUDED.expires_ms",
-            &[&key, &i64_of(expires)],
+            &[&clean(&key), &i64_of(expires)],
         )
         .await?;
     }
@@ -1046,7 +1282,7 @@ async fn live_expiry(
     let row = tx
         .query_opt(
             "SELECT expires_ms FROM actiongate_keys WHERE key = $1 AND expires_ms > $2",
-            &[&key, &i64_of(now)],
+            &[&clean(key), &i64_of(now)],
         )
         .await?;
     row.map(|r| r.try_get::<_, i64>(0).map(u64_of)).transpose()
@@ -1075,7 +1311,7 @@ async fn guard(
             .query(
                 "SELECT expires_ms FROM actiongate_keys
                  WHERE key >= $1 AND key < $2 AND expires_ms > $3 ORDER BY expires_ms",
-                &[&low, &high, &i64_of(now)],
+                &[&clean(&low), &clean(&high), &i64_of(now)],
             )
             .await?;
         let runs: Vec<u64> = rows
@@ -1168,53 +1404,71 @@ fn migrate(pg: &tokio_postgres::Config, wait: Duration) -> Result<(), StoreError
     })
 }
 
-/// Holds a connection outside the pool that LISTENs for committed work, and wakes the lanes
-/// when any instance commits some. Reconnects with backoff; after a reconnect it wakes the
-/// lanes once, for what was committed while it could not hear.
+/// Holds a connection outside the pool that LISTENs for committed work and wakes the lanes
+/// when any instance commits some, and that sends this instance's NOTIFYs, after their
+/// commits, one for however many commits asked since the last. Reconnects with backoff;
+/// after a reconnect it wakes the lanes once, for what was committed while it could not hear.
 async fn listener(core: Arc<Core>) {
     let mut pause = PROBE_FIRST;
     loop {
-        match core.pg.connect(NoTls).await {
-            Ok((client, mut connection)) => {
-                pause = PROBE_FIRST;
-                let (tx, mut rx) = mpsc::unbounded_channel();
-                let driver = tokio::spawn(async move {
-                    loop {
-                        let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
-                        match message {
-                            Some(Ok(AsyncMessage::Notification(_))) => {
-                                if tx.send(()).is_err() {
-                                    return;
-                                }
+        let connected = tokio::time::timeout(OP_TIMEOUT, core.pg.connect(NoTls)).await;
+        if let Ok(Ok((client, mut connection))) = connected {
+            pause = PROBE_FIRST;
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let driver = tokio::spawn(async move {
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(_))) => {
+                            if tx.send(()).is_err() {
+                                return;
                             }
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => return,
                         }
-                    }
-                });
-                if client
-                    .batch_execute(&format!("LISTEN {CHANNEL}"))
-                    .await
-                    .is_ok()
-                {
-                    core.work.notify_waiters();
-                    while rx.recv().await.is_some() {
-                        core.work.notify_waiters();
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return,
                     }
                 }
-                driver.abort();
+            });
+            // A NOTIFY is a transaction of its own with nothing to make durable: it need not
+            // wait for a standby.
+            let listening = tokio::time::timeout(
+                OP_TIMEOUT,
+                client.batch_execute(&format!("SET synchronous_commit = local; LISTEN {CHANNEL}")),
+            )
+            .await;
+            if matches!(listening, Ok(Ok(()))) {
+                // Whatever was committed while this connection was away.
+                core.work.notify_waiters();
+                loop {
+                    tokio::select! {
+                        heard = rx.recv() => match heard {
+                            Some(()) => core.work.notify_waiters(),
+                            None => break,
+                        },
+                        _ = core.notify_others.notified() => {
+                            let sent = tokio::time::timeout(
+                                OP_TIMEOUT,
+                                client.batch_execute(&format!("NOTIFY {CHANNEL}")),
+                            )
+                            .await;
+                            if !matches!(sent, Ok(Ok(()))) {
+                                // Sent again on the next connection: other instances then
+                                // look at once.
+                                core.notify_others.notify_one();
+                                break;
+                            }
+                        }
+                    }
+                }
             }
-            Err(e) => {
-                log::debug!("store: LISTEN connection failed: {}", describe(&e));
-            }
+            driver.abort();
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(PROBE_MAX);
     }
 }
 
-/// While the store is marked down, tries a read-write connection with backoff, and clears the
-/// mark at the first one that answers.
+/// While the store is marked down, connects afresh with backoff (a pooled connection may be
+/// one to the old server), and clears the mark at the first read-write server that answers.
 async fn probe(core: Arc<Core>) {
     loop {
         if !core.is_down.load(Ordering::Acquire) {
@@ -1223,19 +1477,13 @@ async fn probe(core: Arc<Core>) {
         }
         let mut pause = PROBE_FIRST;
         while core.is_down.load(Ordering::Acquire) {
-            match core.pool.get().await {
-                Ok(client) => match client.simple_query("SELECT 1").await {
-                    Ok(_) => {
-                        core.mark_up();
-                        core.work.notify_waiters();
-                        break;
-                    }
-                    Err(e) => {
-                        drop(Object::take(client));
-                        log::debug!("store: probe failed: {}", describe(&e));
-                    }
-                },
-                Err(e) => log::debug!("store: probe failed: {e}"),
+            match read_write(&core.pg).await {
+                Ok(()) => {
+                    core.mark_up();
+                    core.work.notify_waiters();
+                    break;
+                }
+                Err(why) => log::debug!("store: probe: {why}"),
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(PROBE_MAX);
@@ -1243,27 +1491,91 @@ async fn probe(core: Arc<Core>) {
     }
 }
 
+/// Whether a new connection reaches a server that takes writes, within [`OP_TIMEOUT`].
+async fn read_write(pg: &tokio_postgres::Config) -> Result<(), String> {
+    let check = async {
+        let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
+        let driver = tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| describe(&e))?;
+        drop(client);
+        driver.abort();
+        match row.try_get::<_, bool>(0) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err("the server is a standby".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(OP_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", OP_TIMEOUT.as_secs())))
+}
+
 /// Renews the leases of the deliveries this instance's attempts hold.
 async fn renew_leases(core: Arc<Core>) {
     loop {
-        tokio::time::sleep(LEASE / 3).await;
+        tokio::time::sleep(RENEW_EVERY).await;
         let ids: Vec<i64> = core.held().iter().copied().collect();
         if ids.is_empty() {
             continue;
         }
-        let Ok(client) = core.client().await else {
-            continue;
-        };
-        let until = i64_of(now_ms().saturating_add(millis(LEASE)));
-        if let Err(e) = client
-            .execute(
-                "UPDATE actiongate_deliveries SET leased_until = $1
-                 WHERE id = ANY($2) AND leased_by = $3 AND dead_ms IS NULL",
-                &[&until, &ids, &core.instance],
-            )
-            .await
-        {
-            log::warn!("store: cannot renew claims: {}", core.failed(&e));
+        let instance = core.instance.clone();
+        let renewed = core
+            .on_client(move |client| {
+                Box::pin(async move {
+                    let until = i64_of(now_ms().saturating_add(millis(LEASE)));
+                    // Not a claim already given back (`leased_until = 0`): a result recorded
+                    // meanwhile stays recorded.
+                    client
+                        .execute(
+                            "UPDATE actiongate_deliveries SET leased_until = $1
+                             WHERE id = ANY($2) AND leased_by = $3 AND dead_ms IS NULL
+                               AND leased_until > 0",
+                            &[&until, &ids, &instance],
+                        )
+                        .await
+                })
+            })
+            .await;
+        if let Err(e) = renewed {
+            log::warn!("store: cannot renew this instance's claims: {e}");
+        }
+    }
+}
+
+/// Announces this instance's lanes at once when they change, and again at every round.
+async fn announcer(core: Arc<Core>) {
+    loop {
+        tokio::select! {
+            _ = core.lanes_changed.notified() => {}
+            _ = tokio::time::sleep(MAINTENANCE_EVERY) => {}
+        }
+        let lanes = core.lanes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let instance = core.instance.clone();
+        let announced = core
+            .on_client(move |client| {
+                Box::pin(async move {
+                    let now = i64_of(now_ms());
+                    client
+                        .execute(
+                            "INSERT INTO actiongate_lanes (lane, instance, seen_ms)
+                             SELECT unnest($1::text[]), $2, $3
+                             ON CONFLICT (lane, instance) DO UPDATE SET seen_ms = EXCLUDED.seen_ms",
+                            &[&lanes, &instance, &now],
+                        )
+                        .await?;
+                    // Instances long gone: their rows only slow the lookups down.
+                    let old = now.saturating_sub(i64_of(millis(LANE_FRESH) * 20));
+                    client
+                        .execute("DELETE FROM actiongate_lanes WHERE seen_ms < $1", &[&old])
+                        .await
+                })
+            })
+            .await;
+        if let Err(e) = announced {
+            log::warn!("store: cannot announce this instance's lanes: {e}");
         }
     }
 }
@@ -1274,51 +1586,31 @@ async fn maintenance(core: Arc<Core>) {
     let mut seen: HashSet<String> = HashSet::new();
     loop {
         tokio::time::sleep(MAINTENANCE_EVERY).await;
-        let Ok(client) = core.client().await else {
-            continue;
-        };
-        let now = i64_of(now_ms());
-        let purged = async {
-            client
-                .execute(
-                    "DELETE FROM actiongate_keys WHERE key IN (
-                         SELECT key FROM actiongate_keys WHERE expires_ms <= $1 LIMIT $2)",
-                    &[&now, &PURGE_SLICE],
-                )
-                .await?;
-            // Two deliveries of one event finished at once can each see the other's row and
-            // leave the event: it goes here.
-            client
-                .execute(
-                    "DELETE FROM actiongate_events WHERE seq IN (
-                         SELECT seq FROM actiongate_events e WHERE NOT EXISTS (
-                             SELECT 1 FROM actiongate_deliveries d WHERE d.event = e.seq)
-                         LIMIT $1)",
-                    &[&PURGE_SLICE],
-                )
-                .await
-        }
-        .await;
-        if let Err(e) = purged {
-            log::warn!("store: maintenance failed: {}", core.failed(&e));
+        if let Err(e) = purge(&core).await {
+            log::warn!("store: maintenance failed: {e}");
             continue;
         }
-        let rows = match client
-            .query(
-                "SELECT upstream, count(*) FILTER (WHERE dead_ms IS NULL),
-                        count(*) FILTER (WHERE dead_ms IS NOT NULL)
-                 FROM actiongate_deliveries GROUP BY upstream",
-                &[],
-            )
-            .await
-        {
+        let rows = core
+            .on_client(|client| {
+                Box::pin(async move {
+                    client
+                        .query(
+                            "SELECT upstream, count(*) FILTER (WHERE dead_ms IS NULL),
+                                    count(*) FILTER (WHERE dead_ms IS NOT NULL)
+                             FROM actiongate_deliveries GROUP BY upstream",
+                            &[],
+                        )
+                        .await
+                })
+            })
+            .await;
+        let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
-                log::warn!("store: cannot count deliveries: {}", core.failed(&e));
+                log::warn!("store: cannot count deliveries: {e}");
                 continue;
             }
         };
-        let mut now_seen = HashSet::new();
         let mut counts: HashMap<String, (i64, i64)> = HashMap::new();
         for row in &rows {
             if let (Ok(upstream), Ok(pending), Ok(dead)) = (
@@ -1332,17 +1624,58 @@ async fn maintenance(core: Arc<Core>) {
         for (upstream, (pending, dead)) in &counts {
             core.metrics.pending_deliveries(upstream).set(*pending);
             core.metrics.dead_letters(upstream).set(*dead);
-            now_seen.insert(upstream.clone());
         }
-        for gone in seen.difference(&now_seen) {
+        for gone in seen.iter().filter(|u| !counts.contains_key(*u)) {
             core.metrics.pending_deliveries(gone).set(0);
             core.metrics.dead_letters(gone).set(0);
         }
-        seen = now_seen;
+        seen = counts.into_keys().collect();
     }
 }
 
-/// This instance's name in `leased_by`: host and process.
+/// Expired keys, and events left without deliveries, in slices. Instances run this at once:
+/// rows another is deleting are skipped, not waited for.
+async fn purge(core: &Core) -> Result<(), StoreError> {
+    for _ in 0..PURGE_ROUNDS {
+        let deleted = core
+            .on_client(|client| {
+                Box::pin(async move {
+                    let now = i64_of(now_ms());
+                    // The outer check again: a key renewed since the inner select stays.
+                    let keys = client
+                        .execute(
+                            "DELETE FROM actiongate_keys WHERE expires_ms <= $1 AND key IN (
+                                 SELECT key FROM actiongate_keys WHERE expires_ms <= $1
+                                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                            &[&now, &PURGE_SLICE],
+                        )
+                        .await?;
+                    // Two deliveries of one event finished at once can each see the other's
+                    // row and leave the event.
+                    let events = client
+                        .execute(
+                            "DELETE FROM actiongate_events WHERE seq IN (
+                                 SELECT seq FROM actiongate_events e WHERE NOT EXISTS (
+                                     SELECT 1 FROM actiongate_deliveries d WHERE d.event = e.seq)
+                                 LIMIT $1 FOR UPDATE SKIP LOCKED)
+                             AND NOT EXISTS (SELECT 1 FROM actiongate_deliveries d
+                                             WHERE d.event = actiongate_events.seq)",
+                            &[&PURGE_SLICE],
+                        )
+                        .await?;
+                    Ok(keys.max(events))
+                })
+            })
+            .await?;
+        if deleted < PURGE_SLICE as u64 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// This instance's name in `leased_by`: host, process and a random part, because containers
+/// sharing a host name (host networking) all run as process 1.
 fn instance_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
@@ -1353,5 +1686,5 @@ fn instance_name() -> String {
     } else {
         "unknown".to_string()
     };
-    format!("{host}:{}", std::process::id())
+    format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..))
 }

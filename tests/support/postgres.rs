@@ -213,6 +213,28 @@ impl PgServer {
         }
     }
 
+    /// Sends `signal` (e.g. `-STOP`, `-CONT`) to the server and every backend it runs: a
+    /// server that answers nothing, as a host gone silent does, without a reset.
+    pub fn signal_all(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let backends = Command::new("pgrep")
+            .args(["-P", &pid])
+            .output()
+            .expect("pgrep");
+        let mut pids = vec![pid];
+        pids.extend(
+            String::from_utf8_lossy(&backends.stdout)
+                .split_whitespace()
+                .map(str::to_string),
+        );
+        let sent = Command::new("kill")
+            .arg(signal)
+            .args(&pids)
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {signal} {pids:?}");
+    }
+
     /// Promotes a standby to primary and waits until it takes writes.
     pub async fn promote(&self) {
         self.psql("postgres", "SELECT pg_promote()");
