@@ -15,7 +15,6 @@ use actiongate::delivery::projection::Projection;
 use actiongate::delivery::template::{Template, ValueMapping};
 use actiongate::ingress::allowlist::IpSet;
 use actiongate::ingress::{client_addr, payload};
-use actiongate::metrics::Metrics;
 use actiongate::spool::{Commit, Spool};
 use actiongate::store::NewEvent;
 
@@ -119,7 +118,7 @@ fn spool(c: &mut Criterion) {
         let spool = Spool::open_with(
             dir.path(),
             Duration::from_secs(3600),
-            Arc::new(Metrics::new(&config)),
+            Arc::new(actiongate::metrics_for(&config)),
             commit,
         )
         .unwrap();

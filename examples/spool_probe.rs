@@ -3,7 +3,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actiongate::config::Config;
-use actiongate::metrics::Metrics;
 use actiongate::spool::{Commit, Spool};
 use actiongate::store::NewEvent;
 
@@ -23,7 +22,7 @@ async fn main() {
     let spool = Spool::open_with(
         dir.path(),
         Duration::from_secs(3600),
-        Arc::new(Metrics::new(&config)),
+        Arc::new(actiongate::metrics_for(&config)),
         commit,
     )
     .unwrap();

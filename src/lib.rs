@@ -73,7 +73,7 @@ impl ActionGate {
     /// [`ActionGate::new`], waiting up to `spool_wait` for another process to let go of the
     /// spool (the old process of a graceful upgrade).
     pub fn open(config: Config, spool_wait: Duration) -> Result<ActionGate, String> {
-        let metrics = Arc::new(Metrics::new(&config));
+        let metrics = Arc::new(metrics_for(&config));
         let store = match &config.postgres {
             None => Store::Local(
                 Spool::open_after(
@@ -213,6 +213,24 @@ impl ActionGate {
     pub fn lifecycle(&self) -> &Arc<Lifecycle> {
         &self.lifecycle
     }
+}
+
+/// The metrics of `config`: every series of its actions and upstreams exists from the start,
+/// at 0. Here rather than in [`metrics`], which knows neither the config nor the payload.
+pub fn metrics_for(config: &Config) -> Metrics {
+    let metrics = Metrics::new();
+    for action in &config.actions {
+        let reports = action.report.as_ref().map(|r| &r.upstream);
+        let upstreams: Vec<&str> = action
+            .upstreams
+            .iter()
+            .chain(reports)
+            .map(|u| u.name.as_str())
+            .collect();
+        metrics.declare_action(&action.name, action.guard.is_some(), &upstreams);
+    }
+    metrics.declare_drift_fields(&ingress::payload::DRIFT_FIELDS);
+    metrics
 }
 
 /// Waits until `old` has no other owner (every request holding it has finished), or `limit`.

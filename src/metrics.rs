@@ -11,10 +11,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::Config;
 use crate::delivery::DeliveryOutcome;
 use crate::ingress::answer::Outcome;
-use crate::ingress::payload::DRIFT_FIELDS;
 
 /// `action` label for requests that matched no action.
 pub const NO_ACTION: &str = "(none)";
@@ -168,9 +166,16 @@ fn must<T>(result: prometheus::Result<T>) -> T {
     result.unwrap_or_else(|e| panic!("metric definition: {e}"))
 }
 
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
-    /// Creates the registry with every series of `config` at 0.
-    pub fn new(config: &Config) -> Metrics {
+    /// Creates the registry with the series that name no action at 0; the actions' own come
+    /// from [`Metrics::declare_action`] (see [`crate::metrics_for`]).
+    pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = must(IntCounterVec::new(Opts::new(name, help), labels));
@@ -329,19 +334,25 @@ impl Metrics {
         metrics
             .requests
             .with_label_values(&[NO_ACTION, Outcome::UnknownAction.label()]);
-        for action in &config.actions {
-            metrics.for_action(&action.name, action.guard.is_some());
-            let reports = action.report.as_ref().map(|r| &r.upstream);
-            for upstream in action.upstreams.iter().chain(reports) {
-                metrics.for_upstream(&action.name, &upstream.name);
-                metrics.pending_deliveries(&upstream.name);
-                metrics.dead_letters(&upstream.name);
-            }
-        }
-        for field in DRIFT_FIELDS {
-            metrics.drift.with_label_values(&[field]);
-        }
         metrics
+    }
+
+    /// Creates the series of one action and of its upstreams at 0, so that dashboards and
+    /// alert rules never meet an absent series; `guarded` for an action with guards.
+    pub fn declare_action(&self, action: &str, guarded: bool, upstreams: &[&str]) {
+        self.for_action(action, guarded);
+        for upstream in upstreams {
+            self.for_upstream(action, upstream);
+            self.pending_deliveries(upstream);
+            self.dead_letters(upstream);
+        }
+    }
+
+    /// Creates `actiongate_schema_drift_total{field}` at 0 for each of `fields`.
+    pub fn declare_drift_fields(&self, fields: &[&str]) {
+        for field in fields {
+            self.drift.with_label_values(&[field]);
+        }
     }
 
     /// Request-path handles for `action` (creating its series); `guarded` only for an action
@@ -388,11 +399,9 @@ impl Metrics {
         self.dead.with_label_values(&[upstream])
     }
 
-    /// Counts an unknown enum value in `DRIFT_FIELDS[field]`.
-    pub fn schema_drift(&self, field: usize) {
-        if let Some(name) = DRIFT_FIELDS.get(field) {
-            self.drift.with_label_values(&[name]).inc();
-        }
+    /// Counts an undocumented enum value in payload field `field`.
+    pub fn schema_drift(&self, field: &str) {
+        self.drift.with_label_values(&[field]).inc();
     }
 
     /// Sets the in-flight gauges (called by the admin listener before each scrape).

@@ -40,7 +40,7 @@ fn open(dir: &std::path::Path) -> Result<Spool, StoreError> {
             &|_| None,
         )
         .expect("config");
-        Arc::new(Metrics::new(&config))
+        Arc::new(actiongate::metrics_for(&config))
     });
     Spool::open(dir, Duration::from_secs(3600), metrics.clone())
 }

@@ -810,7 +810,7 @@ mod tests {
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::new(&config));
+        let metrics = Arc::new(crate::metrics_for(&config));
         let spool = crate::spool::Spool::open(dir.path(), Duration::from_secs(60), metrics.clone())
             .unwrap();
         let store = Store::Local(spool.clone());

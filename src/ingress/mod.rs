@@ -413,7 +413,9 @@ impl Ingress {
     }
 
     fn schema_drift(&self, field: usize, value: &str) {
-        self.metrics.schema_drift(field);
+        if let Some(name) = DRIFT_FIELDS.get(field) {
+            self.metrics.schema_drift(name);
+        }
         let Ok(mut logged) = self.drift_logged.lock() else {
             return;
         };

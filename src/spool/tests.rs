@@ -18,7 +18,7 @@ actions:
         &|_| None,
     )
     .unwrap();
-    Arc::new(Metrics::new(&config))
+    Arc::new(crate::metrics_for(&config))
 }
 
 fn open(dir: &Path) -> (Spool, Arc<Metrics>) {

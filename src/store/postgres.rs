@@ -111,7 +111,10 @@ pub struct Postgres {
 
 /// What the store's tasks share.
 struct Core {
+    /// Claims, loads, results, the admin API, maintenance: committed asynchronously.
     pool: Pool,
+    /// The committers' connections: committed durably, and never busy with deliveries.
+    appends: Pool,
     /// For the LISTEN connection, which lives outside the pool.
     pg: tokio_postgres::Config,
     dedup_window_ms: u64,
@@ -358,23 +361,21 @@ impl Postgres {
             .tcp_user_timeout(OP_TIMEOUT)
             .application_name("actiongate");
         migrate(&pg, wait)?;
-        let manager = Manager::from_config(
-            pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(APPEND_DEADLINE))
-            .create_timeout(Some(Duration::from_secs(2)))
-            .recycle_timeout(Some(Duration::from_secs(1)))
-            .build()
-            .map_err(|e| StoreError::Storage(format!("spool.postgres: {e}")))?;
+        // Appends have connections of their own: an ack never waits behind deliveries.
+        let appends = pool_of(&pg, COMMITTERS)?;
+        // Everything else commits without waiting for the disk (or the standby), as the spool
+        // writes results without an fsync of their own: a crash can lose the last results,
+        // which repeats those deliveries (at least once), never an acknowledged event.
+        let mut relaxed = pg.clone();
+        let options = match pg.get_options() {
+            Some(given) => format!("{given} -c synchronous_commit=off"),
+            None => "-c synchronous_commit=off".to_string(),
+        };
+        relaxed.options(options);
+        let pool = pool_of(&relaxed, pool)?;
         let core = Arc::new(Core {
             pool,
+            appends,
             pg,
             dedup_window_ms: millis(dedup_window),
             instance: instance_name(),
@@ -456,7 +457,7 @@ impl Postgres {
             .run(async move {
                 let instance = core.instance.clone();
                 let reported = core
-                    .transaction(move |tx| {
+                    .transaction(&core.pool, move |tx| {
                         let (finish, report, instance) =
                             (finish.clone(), report.clone(), instance.clone());
                         Box::pin(async move {
@@ -486,10 +487,14 @@ impl Postgres {
                         Box::pin(async move {
                             client
                                 .execute(
-                                    "UPDATE actiongate_deliveries
+                                    &client
+                                        .prepare_cached(
+                                            "UPDATE actiongate_deliveries
                                      SET dead_ms = NULL, attempts = 0, due_ms = $1,
                                          leased_until = 0, leased_by = NULL
                                      WHERE dead_ms IS NOT NULL AND ($2::bigint IS NULL OR id = $2)",
+                                        )
+                                        .await?,
                                     &[&i64_of(now_ms()), &id.map(i64_of)],
                                 )
                                 .await
@@ -516,8 +521,12 @@ impl Postgres {
                     Box::pin(async move {
                         client
                             .execute(
-                                "DELETE FROM actiongate_deliveries
+                                &client
+                                    .prepare_cached(
+                                        "DELETE FROM actiongate_deliveries
                                  WHERE id = $1 AND dead_ms IS NOT NULL",
+                                    )
+                                    .await?,
                                 &[&i64_of(id)],
                             )
                             .await
@@ -556,7 +565,9 @@ impl Postgres {
                             let wall = now_ms();
                             client
                                 .query(
-                                    "UPDATE actiongate_deliveries
+                                    &client
+                                        .prepare_cached(
+                                            "UPDATE actiongate_deliveries
                                      SET leased_until = $4, leased_by = $5
                                      WHERE id IN (
                                          SELECT id FROM actiongate_deliveries
@@ -566,6 +577,8 @@ impl Postgres {
                                          ORDER BY due_ms, id LIMIT $7
                                          FOR UPDATE SKIP LOCKED)
                                      RETURNING id",
+                                        )
+                                        .await?,
                                     &[
                                         &lane,
                                         &i64_of(now),
@@ -617,7 +630,9 @@ impl Postgres {
                     Box::pin(async move {
                         client
                             .query_one(
-                                "SELECT least(
+                                &client
+                                    .prepare_cached(
+                                        "SELECT least(
                                      (SELECT due_ms FROM actiongate_deliveries
                                       WHERE lane = $1 AND dead_ms IS NULL AND id <> ALL($2)
                                         AND (leased_until <= $4 OR leased_by = $3)
@@ -625,6 +640,8 @@ impl Postgres {
                                      (SELECT min(leased_until) FROM actiongate_deliveries
                                       WHERE lane = $1 AND dead_ms IS NULL AND leased_until > $4
                                         AND leased_by <> $3))",
+                                    )
+                                    .await?,
                                 &[&lane, &skip, &instance, &i64_of(now_ms())],
                             )
                             .await
@@ -647,12 +664,14 @@ impl Postgres {
                         Box::pin(async move {
                             client
                                 .query_opt(
-                                    &format!(
-                                        "SELECT {RECORD_COLUMNS}, body
+                                    &client
+                                        .prepare_cached(&format!(
+                                            "SELECT {RECORD_COLUMNS}, body
                                          FROM actiongate_deliveries d
                                          JOIN actiongate_events e ON e.seq = d.event
                                          WHERE d.id = $1 AND d.dead_ms IS NULL"
-                                    ),
+                                        ))
+                                        .await?,
                                     &[&id],
                                 )
                                 .await
@@ -682,7 +701,9 @@ impl Postgres {
                     Box::pin(async move {
                         client
                             .query(
-                                "WITH RECURSIVE lanes AS (
+                                &client
+                                    .prepare_cached(
+                                        "WITH RECURSIVE lanes AS (
                                      (SELECT lane FROM actiongate_deliveries
                                       WHERE dead_ms IS NULL ORDER BY lane LIMIT 1)
                                      UNION ALL
@@ -691,6 +712,8 @@ impl Postgres {
                                              ORDER BY d.lane LIMIT 1)
                                      FROM lanes WHERE lanes.lane IS NOT NULL)
                                  SELECT lane FROM lanes WHERE lane IS NOT NULL",
+                                    )
+                                    .await?,
                                 &[],
                             )
                             .await
@@ -716,8 +739,12 @@ impl Postgres {
                         let since = i64_of(now_ms().saturating_sub(millis(LANE_FRESH)));
                         client
                             .query(
-                                "SELECT DISTINCT lane FROM actiongate_lanes
+                                &client
+                                    .prepare_cached(
+                                        "SELECT DISTINCT lane FROM actiongate_lanes
                                  WHERE instance <> $1 AND seen_ms > $2",
+                                    )
+                                    .await?,
                                 &[&instance, &since],
                             )
                             .await
@@ -748,10 +775,12 @@ impl Postgres {
                     Box::pin(async move {
                         client
                             .query(
-                                &format!(
-                                    "SELECT {RECORD_COLUMNS} FROM actiongate_deliveries d
+                                &client
+                                    .prepare_cached(&format!(
+                                        "SELECT {RECORD_COLUMNS} FROM actiongate_deliveries d
                                      WHERE dead_ms IS NOT NULL ORDER BY id LIMIT $1"
-                                ),
+                                    ))
+                                    .await?,
                                 &[&limit],
                             )
                             .await
@@ -773,12 +802,16 @@ impl Postgres {
                     Box::pin(async move {
                         client
                             .query_one(
-                                "SELECT
+                                &client
+                                    .prepare_cached(
+                                        "SELECT
                                  (SELECT count(*) FROM actiongate_events),
                                  (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL),
                                  (SELECT count(*) FROM actiongate_keys WHERE expires_ms > $1),
                                  (SELECT count(*) FROM actiongate_deliveries
                                   WHERE dead_ms IS NOT NULL)",
+                                    )
+                                    .await?,
                                 &[&i64_of(now_ms())],
                             )
                             .await
@@ -880,6 +913,7 @@ impl Core {
             // Idle connections to that server would be handed out again: drop them all, so
             // that the next calls connect afresh (to whichever server is primary by then).
             self.pool.retain(|_, _| false);
+            self.appends.retain(|_, _| false);
         }
         *down = Some(why);
         self.is_down.store(true, Ordering::Release);
@@ -913,8 +947,8 @@ impl Core {
         StoreError::Unavailable(why)
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
-        match self.pool.get().await {
+    async fn client(&self, pool: &Pool) -> Result<Object, StoreError> {
+        match pool.get().await {
             Ok(client) => Ok(client),
             Err(deadpool_postgres::PoolError::Backend(e)) => Err(self.failed(&e)),
             // Every connection is in use: busy, not down.
@@ -933,7 +967,7 @@ impl Core {
         &self,
         body: impl for<'c> FnOnce(&'c Object) -> TxFuture<'c, T>,
     ) -> Result<T, StoreError> {
-        let client = self.client().await?;
+        let client = self.client(&self.pool).await?;
         match tokio::time::timeout(OP_TIMEOUT, body(&client)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
@@ -949,13 +983,14 @@ impl Core {
         }
     }
 
-    /// Runs `body` in a transaction within [`OP_TIMEOUT`], again (up to twice) if it lost a
-    /// deadlock or serialization race.
+    /// Runs `body` in a transaction on a connection of `pool` within [`OP_TIMEOUT`], again
+    /// (up to twice) if it lost a deadlock or serialization race.
     async fn transaction<T>(
         &self,
+        pool: &Pool,
         body: impl for<'t> Fn(&'t Transaction<'t>) -> TxFuture<'t, T>,
     ) -> Result<T, StoreError> {
-        let mut client = self.client().await?;
+        let mut client = self.client(pool).await?;
         let mut tries = 0;
         loop {
             tries += 1;
@@ -998,9 +1033,12 @@ async fn settle(
         Finish::Delivered { .. } | Finish::Skipped => {
             let gone = tx
                 .query_opt(
-                    "DELETE FROM actiongate_deliveries
+                    &tx.prepare_cached(
+                        "DELETE FROM actiongate_deliveries
                      WHERE id = $1 AND dead_ms IS NULL AND leased_by = $2
                      RETURNING event",
+                    )
+                    .await?,
                     &[&id, &instance],
                 )
                 .await?;
@@ -1011,8 +1049,11 @@ async fn settle(
                     // The event goes with its last delivery (one finishing at the same moment
                     // on another instance may leave it: maintenance takes those).
                     tx.execute(
-                        "DELETE FROM actiongate_events WHERE seq = $1 AND NOT EXISTS (
+                        &tx.prepare_cached(
+                            "DELETE FROM actiongate_events WHERE seq = $1 AND NOT EXISTS (
                              SELECT 1 FROM actiongate_deliveries WHERE event = $1)",
+                        )
+                        .await?,
                         &[&event],
                     )
                     .await?;
@@ -1027,11 +1068,14 @@ async fn settle(
             status,
         } => {
             tx.execute(
-                "UPDATE actiongate_deliveries SET attempts = attempts + 1,
+                &tx.prepare_cached(
+                    "UPDATE actiongate_deliveries SET attempts = attempts + 1,
                      first_attempt_ms = coalesce(first_attempt_ms, $2), last_attempt_ms = $2,
                      due_ms = $3, last_error = $4, last_status = $5,
                      leased_until = 0, leased_by = NULL
                  WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
+                )
+                .await?,
                 &[
                     &id,
                     &i64_of(*at_ms),
@@ -1050,7 +1094,8 @@ async fn settle(
             attempted,
         } => {
             tx.execute(
-                "UPDATE actiongate_deliveries SET
+                &tx.prepare_cached(
+                    "UPDATE actiongate_deliveries SET
                      attempts = attempts + CASE WHEN $5 THEN 1 ELSE 0 END,
                      first_attempt_ms = CASE WHEN $5 THEN coalesce(first_attempt_ms, $2)
                                         ELSE first_attempt_ms END,
@@ -1058,6 +1103,8 @@ async fn settle(
                      dead_ms = $2, last_error = $3, last_status = coalesce($4, last_status),
                      leased_until = 0, leased_by = NULL
                  WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
+                )
+                .await?,
                 &[
                     &id,
                     &i64_of(*at_ms),
@@ -1194,7 +1241,7 @@ async fn store_jobs(
 ) -> Result<Vec<Appended>, StoreError> {
     let window = core.dedup_window_ms;
     let which = Arc::new(which);
-    core.transaction(|tx| {
+    core.transaction(&core.appends, |tx| {
         let (jobs, which) = (jobs.clone(), which.clone());
         Box::pin(async move {
             let now = now_ms();
@@ -1235,7 +1282,10 @@ async fn admit_one(
     // single writer does, so that two racing pushes cannot both pass a limit.
     let action: &str = &event.action;
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('actiongate guard ' || $1, 0))",
+        &tx.prepare_cached(
+            "SELECT pg_advisory_xact_lock(hashtextextended('actiongate guard ' || $1, 0))",
+        )
+        .await?,
         &[&action],
     )
     .await?;
@@ -1264,8 +1314,11 @@ async fn admit_one(
     }
     for (key, expires) in keys {
         tx.execute(
-            "INSERT INTO actiongate_keys (key, expires_ms) VALUES ($1, $2)
+            &tx.prepare_cached(
+                "INSERT INTO actiongate_keys (key, expires_ms) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET expires_ms = EXCLUDED.expires_ms",
+            )
+            .await?,
             &[&clean(&key), &i64_of(expires)],
         )
         .await?;
@@ -1281,7 +1334,10 @@ async fn live_expiry(
 ) -> Result<Option<u64>, tokio_postgres::Error> {
     let row = tx
         .query_opt(
-            "SELECT expires_ms FROM actiongate_keys WHERE key = $1 AND expires_ms > $2",
+            &tx.prepare_cached(
+                "SELECT expires_ms FROM actiongate_keys WHERE key = $1 AND expires_ms > $2",
+            )
+            .await?,
             &[&clean(key), &i64_of(now)],
         )
         .await?;
@@ -1309,8 +1365,11 @@ async fn guard(
         let (low, high) = guard::rate_key_range(action);
         let rows = tx
             .query(
-                "SELECT expires_ms FROM actiongate_keys
+                &tx.prepare_cached(
+                    "SELECT expires_ms FROM actiongate_keys
                  WHERE key >= $1 AND key < $2 AND expires_ms > $3 ORDER BY expires_ms",
+                )
+                .await?,
                 &[&clean(&low), &clean(&high), &i64_of(now)],
             )
             .await?;
@@ -1325,6 +1384,25 @@ async fn guard(
         }
     }
     Ok(None)
+}
+
+/// A pool of up to `size` connections to `pg`.
+fn pool_of(pg: &tokio_postgres::Config, size: usize) -> Result<Pool, StoreError> {
+    let manager = Manager::from_config(
+        pg.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(APPEND_DEADLINE))
+        .create_timeout(Some(Duration::from_secs(2)))
+        .recycle_timeout(Some(Duration::from_secs(1)))
+        .build()
+        .map_err(|e| StoreError::Storage(format!("spool.postgres: {e}")))
 }
 
 /// Creates the schema, or checks that it is this build's, under an advisory lock so that
@@ -1530,9 +1608,13 @@ async fn renew_leases(core: Arc<Core>) {
                     // meanwhile stays recorded.
                     client
                         .execute(
-                            "UPDATE actiongate_deliveries SET leased_until = $1
+                            &client
+                                .prepare_cached(
+                                    "UPDATE actiongate_deliveries SET leased_until = $1
                              WHERE id = ANY($2) AND leased_by = $3 AND dead_ms IS NULL
                                AND leased_until > 0",
+                                )
+                                .await?,
                             &[&until, &ids, &instance],
                         )
                         .await
@@ -1560,16 +1642,25 @@ async fn announcer(core: Arc<Core>) {
                     let now = i64_of(now_ms());
                     client
                         .execute(
-                            "INSERT INTO actiongate_lanes (lane, instance, seen_ms)
+                            &client
+                                .prepare_cached(
+                                    "INSERT INTO actiongate_lanes (lane, instance, seen_ms)
                              SELECT unnest($1::text[]), $2, $3
                              ON CONFLICT (lane, instance) DO UPDATE SET seen_ms = EXCLUDED.seen_ms",
+                                )
+                                .await?,
                             &[&lanes, &instance, &now],
                         )
                         .await?;
                     // Instances long gone: their rows only slow the lookups down.
                     let old = now.saturating_sub(i64_of(millis(LANE_FRESH) * 20));
                     client
-                        .execute("DELETE FROM actiongate_lanes WHERE seen_ms < $1", &[&old])
+                        .execute(
+                            &client
+                                .prepare_cached("DELETE FROM actiongate_lanes WHERE seen_ms < $1")
+                                .await?,
+                            &[&old],
+                        )
                         .await
                 })
             })
@@ -1595,9 +1686,13 @@ async fn maintenance(core: Arc<Core>) {
                 Box::pin(async move {
                     client
                         .query(
-                            "SELECT upstream, count(*) FILTER (WHERE dead_ms IS NULL),
+                            &client
+                                .prepare_cached(
+                                    "SELECT upstream, count(*) FILTER (WHERE dead_ms IS NULL),
                                     count(*) FILTER (WHERE dead_ms IS NOT NULL)
                              FROM actiongate_deliveries GROUP BY upstream",
+                                )
+                                .await?,
                             &[],
                         )
                         .await
@@ -1644,9 +1739,9 @@ async fn purge(core: &Core) -> Result<(), StoreError> {
                     // The outer check again: a key renewed since the inner select stays.
                     let keys = client
                         .execute(
-                            "DELETE FROM actiongate_keys WHERE expires_ms <= $1 AND key IN (
+                            &client.prepare_cached("DELETE FROM actiongate_keys WHERE expires_ms <= $1 AND key IN (
                                  SELECT key FROM actiongate_keys WHERE expires_ms <= $1
-                                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                                 LIMIT $2 FOR UPDATE SKIP LOCKED)").await?,
                             &[&now, &PURGE_SLICE],
                         )
                         .await?;
@@ -1654,12 +1749,12 @@ async fn purge(core: &Core) -> Result<(), StoreError> {
                     // row and leave the event.
                     let events = client
                         .execute(
-                            "DELETE FROM actiongate_events WHERE seq IN (
+                            &client.prepare_cached("DELETE FROM actiongate_events WHERE seq IN (
                                  SELECT seq FROM actiongate_events e WHERE NOT EXISTS (
                                      SELECT 1 FROM actiongate_deliveries d WHERE d.event = e.seq)
                                  LIMIT $1 FOR UPDATE SKIP LOCKED)
                              AND NOT EXISTS (SELECT 1 FROM actiongate_deliveries d
-                                             WHERE d.event = actiongate_events.seq)",
+                                             WHERE d.event = actiongate_events.seq)").await?,
                             &[&PURGE_SLICE],
                         )
                         .await?;

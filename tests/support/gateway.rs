@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actiongate::config::Config;
-use actiongate::metrics::Metrics;
 use actiongate::spool::Spool;
 use actiongate::store::StoreCounts;
 
@@ -279,7 +278,7 @@ impl Gateway {
                 .map(|(_, v)| v.clone())
         };
         let config = Config::from_yaml(&text, &env).expect("config");
-        let metrics = Arc::new(Metrics::new(&config));
+        let metrics = Arc::new(actiongate::metrics_for(&config));
         Spool::open(&self.spool_dir(), config.dedup_window, metrics).expect("open spool")
     }
 
