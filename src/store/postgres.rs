@@ -47,6 +47,7 @@ use deadpool_postgres::{
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::guard::{self, GuardCheck, Guarded, HOUR_MS};
@@ -259,9 +260,26 @@ WITH k AS (
 SELECT seq FROM e";
 
 /// A delivery's columns, of a table aliased `d`.
-const RECORD_COLUMNS: &str = "d.id, d.event, d.action, d.upstream, d.event_id, d.accepted_ms, \
-     d.attempts, d.due_ms, d.first_attempt_ms, d.last_attempt_ms, d.last_error, d.last_status, \
-     d.dead_ms";
+macro_rules! record_columns {
+    () => {
+        "d.id, d.event, d.action, d.upstream, d.event_id, d.accepted_ms, d.attempts, d.due_ms, \
+         d.first_attempt_ms, d.last_attempt_ms, d.last_error, d.last_status, d.dead_ms"
+    };
+}
+
+/// A statement's parameters, owned: they travel to the store's runtime.
+type Params = Vec<Box<dyn ToSql + Send + Sync>>;
+
+fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+fn ids_of(ids: &HashSet<u64>) -> Vec<i64> {
+    ids.iter().map(|&id| i64_of(id)).collect()
+}
 
 fn record_of(row: &Row) -> Result<DeliveryRecord, tokio_postgres::Error> {
     Ok(DeliveryRecord {
@@ -478,64 +496,61 @@ impl Postgres {
         result.map(|_| ())
     }
 
-    pub async fn replay(&self, id: Option<u64>) -> Result<usize, StoreError> {
+    /// Runs one statement on the store's runtime, prepared once per connection, and returns
+    /// its rows.
+    async fn rows(&self, sql: &'static str, params: Params) -> Result<Vec<Row>, StoreError> {
         let core = self.core.clone();
-        let replayed = self
-            .run(async move {
-                let n = core
-                    .on_client(move |client| {
-                        Box::pin(async move {
-                            client
-                                .execute(
-                                    &client
-                                        .prepare_cached(
-                                            "UPDATE actiongate_deliveries
-                                     SET dead_ms = NULL, attempts = 0, due_ms = $1,
-                                         leased_until = 0, leased_by = NULL
-                                     WHERE dead_ms IS NOT NULL AND ($2::bigint IS NULL OR id = $2)",
-                                        )
-                                        .await?,
-                                    &[&i64_of(now_ms()), &id.map(i64_of)],
-                                )
-                                .await
-                        })
-                    })
-                    .await?;
-                if n > 0 {
-                    core.notify_others.notify_one();
-                }
-                Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        self.run(async move {
+            core.on_client(move |client| {
+                Box::pin(async move {
+                    let statement = client.prepare_cached(sql).await?;
+                    client.query(&statement, &refs(&params)).await
+                })
             })
+            .await
+        })
+        .await
+    }
+
+    /// [`Postgres::rows`] for a statement whose rows are not wanted: how many it changed.
+    async fn execute(&self, sql: &'static str, params: Params) -> Result<u64, StoreError> {
+        let core = self.core.clone();
+        self.run(async move {
+            core.on_client(move |client| {
+                Box::pin(async move {
+                    let statement = client.prepare_cached(sql).await?;
+                    client.execute(&statement, &refs(&params)).await
+                })
+            })
+            .await
+        })
+        .await
+    }
+
+    pub async fn replay(&self, id: Option<u64>) -> Result<usize, StoreError> {
+        let n = self
+            .execute(
+                "UPDATE actiongate_deliveries
+                 SET dead_ms = NULL, attempts = 0, due_ms = $1, leased_until = 0, leased_by = NULL
+                 WHERE dead_ms IS NOT NULL AND ($2::bigint IS NULL OR id = $2)",
+                vec![Box::new(i64_of(now_ms())), Box::new(id.map(i64_of))],
+            )
             .await?;
-        if replayed > 0 {
+        if n > 0 {
             self.core.work.notify_waiters();
+            self.core.notify_others.notify_one();
         }
-        Ok(replayed)
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     pub async fn purge(&self, id: u64) -> Result<bool, StoreError> {
-        let core = self.core.clone();
-        self.run(async move {
-            let n = core
-                .on_client(move |client| {
-                    Box::pin(async move {
-                        client
-                            .execute(
-                                &client
-                                    .prepare_cached(
-                                        "DELETE FROM actiongate_deliveries
-                                 WHERE id = $1 AND dead_ms IS NOT NULL",
-                                    )
-                                    .await?,
-                                &[&i64_of(id)],
-                            )
-                            .await
-                    })
-                })
-                .await?;
-            Ok(n > 0)
-        })
-        .await
+        let n = self
+            .execute(
+                "DELETE FROM actiongate_deliveries WHERE id = $1 AND dead_ms IS NOT NULL",
+                vec![Box::new(i64_of(id))],
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     /// Claims up to `limit` due deliveries of `lane` for this instance: unclaimed ones, ones
@@ -552,57 +567,35 @@ impl Postgres {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let core = self.core.clone();
-        let lane = lane.to_string();
-        let skip: Vec<i64> = skip.iter().map(|&id| i64_of(id)).collect();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let ids = self
-            .run(async move {
-                let instance = core.instance.clone();
-                let rows = core
-                    .on_client(move |client| {
-                        Box::pin(async move {
-                            let wall = now_ms();
-                            client
-                                .query(
-                                    &client
-                                        .prepare_cached(
-                                            "UPDATE actiongate_deliveries
-                                     SET leased_until = $4, leased_by = $5
-                                     WHERE id IN (
-                                         SELECT id FROM actiongate_deliveries
-                                         WHERE lane = $1 AND dead_ms IS NULL AND due_ms <= $2
-                                           AND (leased_until <= $6 OR leased_by = $5)
-                                           AND id <> ALL($3)
-                                         ORDER BY due_ms, id LIMIT $7
-                                         FOR UPDATE SKIP LOCKED)
-                                     RETURNING id",
-                                        )
-                                        .await?,
-                                    &[
-                                        &lane,
-                                        &i64_of(now),
-                                        &skip,
-                                        &i64_of(wall.saturating_add(millis(LEASE))),
-                                        &instance,
-                                        &i64_of(wall),
-                                        &limit,
-                                    ],
-                                )
-                                .await
-                        })
-                    })
-                    .await?;
-                let mut ids = rows
-                    .iter()
-                    .map(|row| row.try_get::<_, i64>(0))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(bad_row)?;
-                ids.sort_unstable();
-                core.held().extend(ids.iter().copied());
-                Ok(ids)
-            })
+        let wall = now_ms();
+        let rows = self
+            .rows(
+                "UPDATE actiongate_deliveries SET leased_until = $4, leased_by = $5
+                 WHERE id IN (
+                     SELECT id FROM actiongate_deliveries
+                     WHERE lane = $1 AND dead_ms IS NULL AND due_ms <= $2
+                       AND (leased_until <= $6 OR leased_by = $5) AND id <> ALL($3)
+                     ORDER BY due_ms, id LIMIT $7
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING id",
+                vec![
+                    Box::new(lane.to_string()),
+                    Box::new(i64_of(now)),
+                    Box::new(ids_of(skip)),
+                    Box::new(i64_of(wall.saturating_add(millis(LEASE)))),
+                    Box::new(self.core.instance.clone()),
+                    Box::new(i64_of(wall)),
+                    Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+                ],
+            )
             .await?;
+        let mut ids = rows
+            .iter()
+            .map(|row| row.try_get::<_, i64>(0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad_row)?;
+        ids.sort_unstable();
+        self.core.held().extend(ids.iter().copied());
         Ok(ids.into_iter().map(u64_of).collect())
     }
 
@@ -620,72 +613,53 @@ impl Postgres {
         lane: &str,
         skip: &HashSet<u64>,
     ) -> Result<Option<u64>, StoreError> {
-        let core = self.core.clone();
-        let lane = lane.to_string();
-        let skip: Vec<i64> = skip.iter().map(|&id| i64_of(id)).collect();
-        self.run(async move {
-            let instance = core.instance.clone();
-            let row = core
-                .on_client(move |client| {
-                    Box::pin(async move {
-                        client
-                            .query_one(
-                                &client
-                                    .prepare_cached(
-                                        "SELECT least(
-                                     (SELECT due_ms FROM actiongate_deliveries
-                                      WHERE lane = $1 AND dead_ms IS NULL AND id <> ALL($2)
-                                        AND (leased_until <= $4 OR leased_by = $3)
-                                      ORDER BY due_ms LIMIT 1),
-                                     (SELECT min(leased_until) FROM actiongate_deliveries
-                                      WHERE lane = $1 AND dead_ms IS NULL AND leased_until > $4
-                                        AND leased_by <> $3))",
-                                    )
-                                    .await?,
-                                &[&lane, &skip, &instance, &i64_of(now_ms())],
-                            )
-                            .await
-                    })
-                })
-                .await?;
-            let due: Option<i64> = row.try_get(0).map_err(bad_row)?;
-            Ok(due.map(u64_of))
-        })
-        .await
+        let rows = self
+            .rows(
+                "SELECT least(
+                     (SELECT due_ms FROM actiongate_deliveries
+                      WHERE lane = $1 AND dead_ms IS NULL AND id <> ALL($2)
+                        AND (leased_until <= $4 OR leased_by = $3)
+                      ORDER BY due_ms LIMIT 1),
+                     (SELECT min(leased_until) FROM actiongate_deliveries
+                      WHERE lane = $1 AND dead_ms IS NULL AND leased_until > $4
+                        AND leased_by <> $3))",
+                vec![
+                    Box::new(lane.to_string()),
+                    Box::new(ids_of(skip)),
+                    Box::new(self.core.instance.clone()),
+                    Box::new(i64_of(now_ms())),
+                ],
+            )
+            .await?;
+        let due: Option<i64> = match rows.first() {
+            Some(row) => row.try_get(0).map_err(bad_row)?,
+            None => None,
+        };
+        Ok(due.map(u64_of))
     }
 
     pub async fn load(&self, delivery: u64) -> Result<Option<(DeliveryRecord, Bytes)>, StoreError> {
-        let core = self.core.clone();
         let id = i64_of(delivery);
-        let found = self
-            .run(async move {
-                let row = core
-                    .on_client(move |client| {
-                        Box::pin(async move {
-                            client
-                                .query_opt(
-                                    &client
-                                        .prepare_cached(&format!(
-                                            "SELECT {RECORD_COLUMNS}, body
-                                         FROM actiongate_deliveries d
-                                         JOIN actiongate_events e ON e.seq = d.event
-                                         WHERE d.id = $1 AND d.dead_ms IS NULL"
-                                        ))
-                                        .await?,
-                                    &[&id],
-                                )
-                                .await
-                        })
-                    })
-                    .await?;
-                let Some(row) = row else {
-                    return Ok(None);
-                };
-                let record = record_of(&row).map_err(bad_row)?;
+        let rows = self
+            .rows(
+                concat!(
+                    "SELECT ",
+                    record_columns!(),
+                    ", body FROM actiongate_deliveries d
+                     JOIN actiongate_events e ON e.seq = d.event
+                     WHERE d.id = $1 AND d.dead_ms IS NULL"
+                ),
+                vec![Box::new(id)],
+            )
+            .await;
+        let found = rows.and_then(|rows| match rows.first() {
+            None => Ok(None),
+            Some(row) => {
+                let record = record_of(row).map_err(bad_row)?;
                 let body: Vec<u8> = row.try_get("body").map_err(bad_row)?;
                 Ok(Some((record, Bytes::from(body))))
-            })
-            .await;
+            }
+        });
         if !matches!(found, Ok(Some(_))) {
             self.core.held().remove(&id);
         }
@@ -694,68 +668,38 @@ impl Postgres {
 
     /// Lanes that hold pending deliveries: one index probe per lane, not a scan of them all.
     pub async fn pending_lanes(&self) -> Result<BTreeSet<String>, StoreError> {
-        let core = self.core.clone();
-        self.run(async move {
-            let rows = core
-                .on_client(move |client| {
-                    Box::pin(async move {
-                        client
-                            .query(
-                                &client
-                                    .prepare_cached(
-                                        "WITH RECURSIVE lanes AS (
-                                     (SELECT lane FROM actiongate_deliveries
-                                      WHERE dead_ms IS NULL ORDER BY lane LIMIT 1)
-                                     UNION ALL
-                                     SELECT (SELECT d.lane FROM actiongate_deliveries d
-                                             WHERE d.dead_ms IS NULL AND d.lane > lanes.lane
-                                             ORDER BY d.lane LIMIT 1)
-                                     FROM lanes WHERE lanes.lane IS NOT NULL)
-                                 SELECT lane FROM lanes WHERE lane IS NOT NULL",
-                                    )
-                                    .await?,
-                                &[],
-                            )
-                            .await
-                    })
-                })
-                .await?;
-            rows.iter()
-                .map(|row| row.try_get::<_, String>(0).map_err(bad_row))
-                .collect()
-        })
-        .await
+        let rows = self
+            .rows(
+                "WITH RECURSIVE lanes AS (
+                     (SELECT lane FROM actiongate_deliveries
+                      WHERE dead_ms IS NULL ORDER BY lane LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT d.lane FROM actiongate_deliveries d
+                             WHERE d.dead_ms IS NULL AND d.lane > lanes.lane
+                             ORDER BY d.lane LIMIT 1)
+                     FROM lanes WHERE lanes.lane IS NOT NULL)
+                 SELECT lane FROM lanes WHERE lane IS NOT NULL",
+                Vec::new(),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<_, String>(0).map_err(bad_row))
+            .collect()
     }
 
     /// Lanes another live instance runs: their deliveries are no orphans, whatever this
     /// instance's config says.
     pub async fn lanes_run_elsewhere(&self) -> Result<HashSet<String>, StoreError> {
-        let core = self.core.clone();
-        self.run(async move {
-            let instance = core.instance.clone();
-            let rows = core
-                .on_client(move |client| {
-                    Box::pin(async move {
-                        let since = i64_of(now_ms().saturating_sub(millis(LANE_FRESH)));
-                        client
-                            .query(
-                                &client
-                                    .prepare_cached(
-                                        "SELECT DISTINCT lane FROM actiongate_lanes
-                                 WHERE instance <> $1 AND seen_ms > $2",
-                                    )
-                                    .await?,
-                                &[&instance, &since],
-                            )
-                            .await
-                    })
-                })
-                .await?;
-            rows.iter()
-                .map(|row| row.try_get::<_, String>(0).map_err(bad_row))
-                .collect()
-        })
-        .await
+        let since = i64_of(now_ms().saturating_sub(millis(LANE_FRESH)));
+        let rows = self
+            .rows(
+                "SELECT DISTINCT lane FROM actiongate_lanes WHERE instance <> $1 AND seen_ms > $2",
+                vec![Box::new(self.core.instance.clone()), Box::new(since)],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| row.try_get::<_, String>(0).map_err(bad_row))
+            .collect()
     }
 
     /// The lanes this instance runs from now on; announced to the others at once.
@@ -767,66 +711,41 @@ impl Postgres {
     }
 
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let core = self.core.clone();
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.run(async move {
-            let rows = core
-                .on_client(move |client| {
-                    Box::pin(async move {
-                        client
-                            .query(
-                                &client
-                                    .prepare_cached(&format!(
-                                        "SELECT {RECORD_COLUMNS} FROM actiongate_deliveries d
-                                     WHERE dead_ms IS NOT NULL ORDER BY id LIMIT $1"
-                                    ))
-                                    .await?,
-                                &[&limit],
-                            )
-                            .await
-                    })
-                })
-                .await?;
-            rows.iter()
-                .map(|row| record_of(row).map_err(bad_row))
-                .collect()
-        })
-        .await
+        let rows = self
+            .rows(
+                concat!(
+                    "SELECT ",
+                    record_columns!(),
+                    " FROM actiongate_deliveries d WHERE dead_ms IS NOT NULL ORDER BY id LIMIT $1"
+                ),
+                vec![Box::new(i64::try_from(limit).unwrap_or(i64::MAX))],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| record_of(row).map_err(bad_row))
+            .collect()
     }
 
     pub async fn counts(&self) -> Result<StoreCounts, StoreError> {
-        let core = self.core.clone();
-        self.run(async move {
-            let row = core
-                .on_client(move |client| {
-                    Box::pin(async move {
-                        client
-                            .query_one(
-                                &client
-                                    .prepare_cached(
-                                        "SELECT
-                                 (SELECT count(*) FROM actiongate_events),
-                                 (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL),
-                                 (SELECT count(*) FROM actiongate_keys WHERE expires_ms > $1),
-                                 (SELECT count(*) FROM actiongate_deliveries
-                                  WHERE dead_ms IS NOT NULL)",
-                                    )
-                                    .await?,
-                                &[&i64_of(now_ms())],
-                            )
-                            .await
-                    })
-                })
-                .await?;
-            let get = |i: usize| row.try_get::<_, i64>(i).map(u64_of).map_err(bad_row);
-            Ok(StoreCounts {
-                events: get(0)?,
-                pending: get(1)?,
-                dedup_keys: get(2)?,
-                dead: get(3)?,
-            })
+        let rows = self
+            .rows(
+                "SELECT (SELECT count(*) FROM actiongate_events),
+                        (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NULL),
+                        (SELECT count(*) FROM actiongate_keys WHERE expires_ms > $1),
+                        (SELECT count(*) FROM actiongate_deliveries WHERE dead_ms IS NOT NULL)",
+                vec![Box::new(i64_of(now_ms()))],
+            )
+            .await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Storage("counts: no row".into()))?;
+        let get = |i: usize| row.try_get::<_, i64>(i).map(u64_of).map_err(bad_row);
+        Ok(StoreCounts {
+            events: get(0)?,
+            pending: get(1)?,
+            dedup_keys: get(2)?,
+            dead: get(3)?,
         })
-        .await
     }
 
     /// Why the database cannot be used right now, if it cannot.
