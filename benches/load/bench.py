@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side load benchmark: nginx `return 200`, a bare Pingora responder, adnanh/webhook,
+"""Side-by-side load benchmark: nginx `return 200`, a bare Pingora responder, a bare forwarder
+(Pingora receiving, a hyper client delivering to the same sink as actiongate), adnanh/webhook,
 and actiongate (every check on, fsync'd spool, delivering to nginx), each hit by the same wrk
 payload mix on loopback. Prints a Markdown table and writes benches/load/results/latest.{md,json}.
 
@@ -222,12 +223,14 @@ def main():
 
         results["bare Pingora"] = measure_peer(
             lambda port: [str(responder), f"127.0.0.1:{port}", str(SERVER_THREADS)], "/actions/restart-host")
+        results["bare forwarder"] = measure_forwarder(sink_port)
         results["adnanh/webhook"] = measure_peer(
             lambda port: ["webhook", "-hooks", str(HERE / "hooks.json"), "-ip", "127.0.0.1", "-port", str(port)],
             "/hooks/restart-host")
 
         proc, port, admin, _ = start_actiongate("actiongate", sink_port)
         try:
+            cpu_before, threads_before = cpu_seconds([proc.pid]), thread_cpu(proc.pid)
             r = load(f"http://127.0.0.1:{port}/actions/restart-host")
             accepted_series = 'actiongate_requests_total{action="restart-host",outcome="accepted"}'
             delivered_series = 'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}'
@@ -240,6 +243,10 @@ def main():
             r["accepted"] = int(m[accepted_series])
             r["delivered"] = int(m[delivered_series])
             r["drain_after_load_s"] = round(time.monotonic() - started, 2)
+            r["cpu_us_per_event"] = round((cpu_seconds([proc.pid]) - cpu_before) * 1e6 / max(1, r["delivered"]), 1)
+            r["thread_cpu_us_per_event"] = {
+                name: round((cpu - threads_before.get(name, 0)) * 1e6 / max(1, r["delivered"]), 1)
+                for name, cpu in sorted(thread_cpu(proc.pid).items(), key=lambda kv: -kv[1])}
             r["rss_kib"] = peak_rss_kib([proc.pid])
             r["commits"] = int(m.get("actiongate_spool_commit_batch_size_count", 0))
             r["mean_batch"] = round(m.get("actiongate_spool_commit_batch_size_sum", 0) / max(1, r["commits"]), 1)
@@ -267,6 +274,45 @@ def measure_peer(command, path):
         return result
     finally:
         stop(proc)
+
+
+def measure_forwarder(sink_port):
+    """The bare forwarder (#16): loaded like the other peers, then waited for until it has
+    delivered everything it received; its CPU per event covers receiving and delivering."""
+    forwarder = ROOT / "target" / "release" / "examples" / "bare_forwarder"
+    port = free_port()
+    proc = subprocess.Popen([str(forwarder), f"127.0.0.1:{port}", f"http://127.0.0.1:{sink_port}/sink",
+                             str(SERVER_THREADS)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        cpu_before = cpu_seconds([proc.pid])
+        result = load(f"http://127.0.0.1:{port}/actions/restart-host")
+        started = time.monotonic()
+        while True:
+            counts = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/count", timeout=5))
+            if counts["delivered"] + counts["failed"] >= counts["received"] or time.monotonic() - started > 120:
+                break
+            time.sleep(0.2)
+        result["accepted"], result["delivered"] = counts["received"], counts["delivered"]
+        result["drain_after_load_s"] = round(time.monotonic() - started, 2)
+        result["cpu_us_per_event"] = round((cpu_seconds([proc.pid]) - cpu_before) * 1e6 / max(1, counts["delivered"]), 1)
+        result["rss_kib"] = peak_rss_kib([proc.pid])
+        return result
+    finally:
+        stop(proc)
+
+
+def thread_cpu(pid):
+    """User + system CPU seconds used so far by each thread of a process, summed by thread name."""
+    totals = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # the thread ended between the listing and the read
+            continue
+        totals[name] = totals.get(name, 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return totals
 
 
 def start_actiongate(name, sink_port, edit=lambda conf: conf, log_level="warn", nofile=None):
@@ -489,16 +535,22 @@ def reports_report(r):
 
 
 def backlog_phase():
+    """The drain at 10,000 and at BACKLOG pending, for CPU per delivery at both sizes (#16)."""
+    sizes = sorted({min(10000, BACKLOG), BACKLOG})
+    return {"runs": [backlog_run(size) for size in sizes]}
+
+
+def backlog_run(size):
     sink_port = free_port()
     proc, port, admin, _ = start_actiongate(
-        "backlog", sink_port, lambda conf: conf.replace("        when: {", "        retry: {attempts: 1}\n        when: {"))
+        f"backlog-{size}", sink_port, lambda conf: conf.replace("        when: {", "        retry: {attempts: 1}\n        when: {"))
     dead = 'actiongate_dead_letters{upstream="sink"}'
     delivered = 'actiongate_deliveries_total{action="restart-host",outcome="delivered",upstream="sink"}'
     accepted = 'actiongate_requests_total{action="restart-host",outcome="accepted"}'
     nginx = None
     try:
         for _ in range(3):  # bounded: at most 3 x 120 s of load
-            remaining = BACKLOG - int(metrics(admin)[accepted])
+            remaining = size - int(metrics(admin)[accepted])
             if remaining <= 0:
                 break
             wrk(f"http://127.0.0.1:{port}/actions/restart-host", duration=120,
@@ -514,7 +566,7 @@ def backlog_phase():
         nginx = run_nginx(free_port(), sink_port)
         wait_port(sink_port)
         request = urllib.request.Request(f"http://127.0.0.1:{admin}/dead-letters/replay", method="POST")
-        replay_started = time.monotonic()
+        replay_started, cpu_before = time.monotonic(), cpu_seconds([proc.pid])
         urllib.request.urlopen(request, timeout=60).read()
         while time.monotonic() - replay_started < 300:
             if metrics(admin)[delivered] >= total:
@@ -522,7 +574,9 @@ def backlog_phase():
             time.sleep(0.1)
         drain = time.monotonic() - replay_started
         done = int(metrics(admin)[delivered])
+        cpu = cpu_seconds([proc.pid]) - cpu_before
         return {"events": total, "delivered": done, "drain_s": round(drain, 2),
+                "cpu_us_per_delivery": round(cpu * 1e6 / max(1, done), 1),
                 "rate": round(done / drain), "rss_backlog_mib": round(rss_full / 1024),
                 "rss_peak_mib": round(peak_rss_kib([proc.pid]) / 1024)}
     finally:
@@ -723,12 +777,28 @@ def report(results, backlog, edge, reports, cluster=None):
         f"({'all' if ag['delivered'] >= ag['accepted'] else 'NOT all'}; last one {ag['drain_after_load_s']} s after the load "
         f"stopped; both phases); {ag['commits']:,} fsynced spool commits, {ag['mean_batch']} changes in each on average.",
     ]
-    if backlog:
+    fw = results.get("bare forwarder")
+    if fw:
+        threads = ", ".join(f"{name} {us}" for name, us in ag["thread_cpu_us_per_event"].items() if us >= 0.5)
         lines += [
             "",
-            f"Backlog: {backlog['events']:,} deliveries waiting (upstream down), peak RSS {backlog['rss_backlog_mib']} MiB; "
-            f"after the upstream returned, {backlog['delivered']:,} delivered in {backlog['drain_s']} s "
-            f"({backlog['rate']:,}/s), peak RSS {backlog['rss_peak_mib']} MiB.",
+            "Against the bare forwarder (the floor of receive, keep, deliver; both phases, every event delivered):",
+            "",
+            "| | accepted | delivered | flat-out req/s | CPU µs per delivered event |",
+            "|---|---:|---:|---:|---:|",
+            f"| bare forwarder | {fw['accepted']:,} | {fw['delivered']:,} | {fw['rps']:,.0f} | {fw['cpu_us_per_event']} |",
+            f"| actiongate | {ag['accepted']:,} | {ag['delivered']:,} | {ag['rps']:,.0f} | {ag['cpu_us_per_event']} |",
+            f"| actiongate ÷ forwarder | | | {ag['rps'] / max(1, fw['rps']):.2f}× | "
+            f"{ag['cpu_us_per_event'] / max(0.1, fw['cpu_us_per_event']):.2f}× |",
+            "",
+            f"actiongate's CPU µs per delivered event by thread: {threads}.",
+        ]
+    for b in (backlog or {}).get("runs", []):
+        lines += [
+            "",
+            f"Backlog: {b['events']:,} deliveries waiting (upstream down), peak RSS {b['rss_backlog_mib']} MiB; "
+            f"after the upstream returned, {b['delivered']:,} delivered in {b['drain_s']} s "
+            f"({b['rate']:,}/s, {b['cpu_us_per_delivery']} µs of CPU each), peak RSS {b['rss_peak_mib']} MiB.",
         ]
     if edge:
         lines += edge_report(edge)

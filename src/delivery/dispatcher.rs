@@ -45,7 +45,7 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
     /// The client (and so the connection pool) of every upstream with default TLS settings.
-    shared_client: reqwest::Client,
+    shared_client: client::Client,
     /// Every lane whose task runs, retired ones included until they have let go.
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     /// Lanes whose deliveries are being dead-lettered. A lane configured again meanwhile is
@@ -65,7 +65,9 @@ pub struct DispatcherService(pub Arc<Dispatcher>);
 /// A lane's settings, replaced as a whole on reload; an attempt uses the ones it started with.
 struct LaneConf {
     upstream: Upstream,
-    client: reqwest::Client,
+    /// The upstream's URL as sent when its query is no template: parsed once, here.
+    uri: http::Uri,
+    client: client::Client,
     /// What the upstream's rules and templates read of a payload.
     projection: Projection,
     /// The action reports this lane's outcomes onto the incident.
@@ -146,8 +148,10 @@ impl Dispatcher {
                 reports.insert(action.name.clone(), plan.clone());
             }
             if let (Some(plan), Some(api)) = (&plan, &api) {
+                let upstream = plan.plan.report.upstream.clone();
                 let conf = LaneConf {
-                    upstream: plan.plan.report.upstream.clone(),
+                    uri: request::uri(&upstream.url)?,
+                    upstream,
                     client: self.shared_client.clone(),
                     projection: Projection::default(),
                     report: None,
@@ -163,6 +167,8 @@ impl Dispatcher {
                     self.shared_client.clone()
                 };
                 let conf = LaneConf {
+                    uri: request::uri(&upstream.url)
+                        .map_err(|e| format!("{}/{}: {e}", action.name, upstream.name))?,
                     upstream: upstream.clone(),
                     client,
                     projection: Projection::for_upstream(upstream),
@@ -634,14 +640,23 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
         payload.as_ref(),
     );
     let body = request::body(upstream, &raw, payload.as_ref());
-    let mut url = request::url(upstream, payload.as_ref());
-    if let Some(api) = &conf.flashduty {
-        // The key joins the URL only here, on its way out: never stored, never logged.
-        url.query_pairs_mut().append_pair("app_key", &api.app_key);
-        pace.wait().await;
-    }
+    let uri = match (&upstream.query, &conf.flashduty) {
+        (None, None) => Ok(conf.uri.clone()),
+        (_, api) => {
+            let mut url = request::url(upstream, payload.as_ref());
+            if let Some(api) = api {
+                // The key joins the URL only here, on its way out: never stored, never logged.
+                url.query_pairs_mut().append_pair("app_key", &api.app_key);
+                pace.wait().await;
+            }
+            request::uri(&url)
+        }
+    };
     let started = Instant::now();
-    let sent = client::send(&conf.client, upstream, url, headers, body).await;
+    let sent = match uri {
+        Ok(uri) => client::send(&conf.client, upstream, uri, headers, body).await,
+        Err(e) => Err(e),
+    };
     let took = started.elapsed();
     lane.metrics.attempt_duration.observe(took.as_secs_f64());
     let (outcome, description) = match (&sent, &conf.flashduty) {

@@ -37,6 +37,13 @@ pub fn url(upstream: &Upstream, payload: Option<&Value>) -> url::Url {
     url
 }
 
+/// A URL as hyper sends it. The `url` crate's serialization is percent-encoded, so this fails
+/// only for what no HTTP request can carry; the reason never holds the URL (its query may carry
+/// a key).
+pub fn uri(url: &url::Url) -> Result<http::Uri, String> {
+    http::Uri::try_from(url.as_str()).map_err(|e| format!("the URL cannot be sent: {e}"))
+}
+
 /// The request body: the rendered template, or the payload exactly as received.
 pub fn body(upstream: &Upstream, raw: &Bytes, payload: Option<&Value>) -> Bytes {
     match (&upstream.body, payload) {
