@@ -218,8 +218,8 @@ impl Admin {
 fn dead_letter_json(r: &DeliveryRecord) -> Value {
     json!({
         "id": r.id,
-        "action": r.action,
-        "upstream": r.upstream,
+        "action": r.action(),
+        "upstream": r.upstream(),
         "event_id": r.event_id,
         "attempts": r.attempts,
         "last_error": r.last_error,

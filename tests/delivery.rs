@@ -60,6 +60,27 @@ async fn dead_letters(gateway: &Gateway) -> Vec<serde_json::Value> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_are_sent_as_basic_auth_and_configured_headers_win() {
+    let up = Upstream::start(|_, _| Reply::Status(200)).await;
+    let url = up.url("/hook").replace("http://", "http://ops:s%3Acret@");
+    let gateway = Gateway::start(&config(
+        "1s",
+        &[upstream("up", &url, "headers: {User-Agent: ops-runner/2}")],
+    ))
+    .await;
+    accept(&gateway, "auth-1").await;
+    let got = up.wait_for(1, WAIT).await;
+    // base64("ops:s:cret"): the password percent-decoded, the URL sent without it.
+    assert_eq!(
+        got[0].header("authorization"),
+        Some("Basic b3BzOnM6Y3JldA==")
+    );
+    assert_eq!(got[0].header("user-agent"), Some("ops-runner/2"));
+    assert!(!got[0].header("host").unwrap_or_default().contains('@'));
+    assert_eq!(got[0].path, "/hook");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_500_is_retried_and_the_next_200_delivers() {
     let up = Upstream::start(|n, _| {
         if n == 0 {

@@ -1040,6 +1040,9 @@ fn parse_upstream_url(text: &str) -> Result<url::Url, String> {
     if url.host().is_none() {
         return Err("URL has no host".into());
     }
+    // What `url` takes, HTTP may not (e.g. `{` in a host name): refused here, at `-t`, rather
+    // than when the dispatcher builds the request.
+    crate::delivery::request::uri(&url)?;
     Ok(url)
 }
 

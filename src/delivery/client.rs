@@ -11,11 +11,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -29,6 +29,8 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 const USER_AGENT: &str = concat!("actiongate/", env!("CARGO_PKG_VERSION"));
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A pooled client: cheap to clone (clones share the pool).
 #[derive(Clone)]
@@ -64,14 +66,20 @@ pub fn build(upstream: Option<&Upstream>) -> Result<Client, String> {
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
     }
     .with_no_client_auth();
+    let mut tls = tls;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
-    let connector = HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    // TCP keep-alive and a user timeout, as reqwest had: a pooled connection whose NAT or
+    // firewall state vanished is noticed instead of swallowing the next request until its
+    // timeout.
+    http.set_keepalive(Some(KEEPALIVE));
+    http.set_keepalive_interval(Some(KEEPALIVE));
+    http.set_keepalive_retries(Some(3));
+    http.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+    // Both http:// and https:// URLs; ALPN says http/1.1, the only protocol spoken.
+    let connector = HttpsConnector::from((http, tls));
     Ok(Client(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
@@ -85,8 +93,10 @@ pub fn needs_own_client(upstream: &Upstream) -> bool {
     !upstream.tls_verify || upstream.ca_file.is_some()
 }
 
-/// `tls_verify: false`: any certificate is taken; the handshake's signatures are still checked
-/// (they prove the peer holds the key of the certificate it sent).
+/// `tls_verify: false`: any certificate and any handshake signature are taken, as reqwest's
+/// `danger_accept_invalid_certs` did. Checking the signatures would prove nothing once any
+/// certificate is accepted, and would refuse the old appliance certificates (X.509 v1, short
+/// RSA keys) that are why people turn verification off.
 #[derive(Debug)]
 struct AnyCertificate(Arc<CryptoProvider>);
 
@@ -104,34 +114,34 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        Ok(HandshakeSignatureValid::assertion())
     }
 
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        Ok(HandshakeSignatureValid::assertion())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        let mut schemes = self.0.signature_verification_algorithms.supported_schemes();
+        // Offered too, so that a server that can sign only with these still talks to us.
+        for legacy in [
+            SignatureScheme::RSA_PKCS1_SHA1,
+            SignatureScheme::ECDSA_SHA1_Legacy,
+        ] {
+            if !schemes.contains(&legacy) {
+                schemes.push(legacy);
+            }
+        }
+        schemes
     }
 }
 
@@ -161,10 +171,13 @@ pub async fn send(
     mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<Reply, String> {
-    headers.insert(
-        http::header::USER_AGENT,
-        HeaderValue::from_static(USER_AGENT),
-    );
+    // reqwest's defaults, which a configured header overrides.
+    headers
+        .entry(http::header::USER_AGENT)
+        .or_insert(HeaderValue::from_static(USER_AGENT));
+    headers
+        .entry(http::header::ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
     let mut request = http::Request::new(Full::new(body));
     *request.method_mut() = upstream.method.clone();
     *request.uri_mut() = uri;

@@ -150,7 +150,7 @@ impl Dispatcher {
             if let (Some(plan), Some(api)) = (&plan, &api) {
                 let upstream = plan.plan.report.upstream.clone();
                 let conf = LaneConf {
-                    uri: request::uri(&upstream.url)?,
+                    uri: request::uri(&upstream.url).map_err(|e| format!("flashduty: {e}"))?,
                     upstream,
                     client: self.shared_client.clone(),
                     projection: Projection::default(),
@@ -421,8 +421,8 @@ impl Dispatcher {
             }
         };
         let facts = Facts {
-            action: &record.action,
-            upstream: &record.upstream,
+            action: record.action(),
+            upstream: record.upstream(),
             outcome: ReportOutcome::DeadLettered,
             attempts: record.attempts,
             status: record.last_status,

@@ -40,8 +40,41 @@ pub fn url(upstream: &Upstream, payload: Option<&Value>) -> url::Url {
 /// A URL as hyper sends it. The `url` crate's serialization is percent-encoded, so this fails
 /// only for what no HTTP request can carry; the reason never holds the URL (its query may carry
 /// a key).
+/// A user and password in the URL leave it here; `headers` sends them as `Authorization`.
 pub fn uri(url: &url::Url) -> Result<http::Uri, String> {
-    http::Uri::try_from(url.as_str()).map_err(|e| format!("the URL cannot be sent: {e}"))
+    let sent = if url.username().is_empty() && url.password().is_none() {
+        http::Uri::try_from(url.as_str())
+    } else {
+        let mut bare = url.clone();
+        // Cannot fail: the URL has a host (checked at config load).
+        let _ = bare.set_username("");
+        let _ = bare.set_password(None);
+        http::Uri::try_from(bare.as_str())
+    };
+    sent.map_err(|e| format!("the URL cannot be sent: {e}"))
+}
+
+/// `Authorization: Basic` from a user and password in the URL, as browsers and reqwest send
+/// them; marked sensitive so that it is never logged.
+fn basic_auth(url: &url::Url) -> Option<HeaderValue> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = format!(
+        "{}:{}",
+        decode(url.username()),
+        decode(url.password().unwrap_or_default())
+    );
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// The request body: the rendered template, or the payload exactly as received.
@@ -73,6 +106,11 @@ pub fn headers(
             (HeaderSource::Template(_), None) => continue,
         };
         headers.append(name.clone(), value);
+    }
+    if !headers.contains_key(http::header::AUTHORIZATION) {
+        if let Some(value) = basic_auth(&upstream.url) {
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
     }
     let mut set = |name: &'static str, value: String| {
         // Event ids are validated JSON strings but may hold bytes a header cannot carry;
@@ -169,6 +207,24 @@ mod tests {
             err.0,
             vec!["actions[0].upstreams[0].url: placeholders are allowed only in the query string"]
         );
+    }
+
+    #[test]
+    fn a_user_in_the_url_becomes_basic_authorization_unless_one_is_configured() {
+        let u = upstream("url: \"https://ops%40corp:s%3Acret@x:8443/hook?a=1\"");
+        let sent = uri(&u.url).unwrap();
+        assert_eq!(sent.to_string(), "https://x:8443/hook?a=1");
+        let h = headers(&u, "a", "e1", 1, None);
+        // base64("ops@corp:s:cret")
+        assert_eq!(h["authorization"], "Basic b3BzQGNvcnA6czpjcmV0");
+        assert!(h["authorization"].is_sensitive());
+        let mine = upstream("url: \"https://u:p@x/\", headers: {Authorization: Bearer t}");
+        assert_eq!(
+            headers(&mine, "a", "e1", 1, None)["authorization"],
+            "Bearer t"
+        );
+        let plain = upstream("url: \"https://x/\"");
+        assert!(!headers(&plain, "a", "e1", 1, None).contains_key("authorization"));
     }
 
     #[test]

@@ -489,10 +489,10 @@ impl Spool {
         );
         metrics.spool_segments(files.len());
         for record in state.deliveries.values() {
-            metrics.pending_deliveries(&record.upstream).inc();
+            metrics.pending_deliveries(record.upstream()).inc();
         }
         for record in state.dead.values() {
-            metrics.dead_letters(&record.upstream).inc();
+            metrics.dead_letters(record.upstream()).inc();
         }
         let inner = Arc::new(Inner {
             state: Mutex::new(state),

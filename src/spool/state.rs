@@ -49,14 +49,17 @@ struct DedupEntry {
 /// Gauge changes caused by applied records.
 #[derive(Debug, Default)]
 pub struct Deltas {
-    pub pending: HashMap<String, i64>,
-    pub dead: HashMap<String, i64>,
+    /// By lane (`action/upstream`): the gauges are per upstream, the writer splits the key.
+    pub pending: HashMap<Arc<str>, i64>,
+    pub dead: HashMap<Arc<str>, i64>,
     pub new_work: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct State {
     pub next_seq: u64,
+    /// Every lane key once, shared by the deliveries of the lane.
+    lanes: Lanes,
     pub events: HashMap<u64, EventEntry>,
     pub deliveries: HashMap<u64, DeliveryRecord>,
     pub dead: BTreeMap<u64, DeliveryRecord>,
@@ -98,6 +101,24 @@ pub fn delivery_seq(id: u64) -> u64 {
 /// thousand years at a million a second). The decoder refuses records past it as damage, so
 /// replay's arithmetic on sequence numbers never overflows.
 pub const MAX_SEQ: u64 = 1 << 56;
+
+/// Lane keys, interned: a handful of lanes, hundreds of thousands of deliveries.
+#[derive(Debug, Default)]
+struct Lanes(HashMap<String, HashMap<String, Arc<str>>>);
+
+impl Lanes {
+    fn intern(&mut self, action: &str, upstream: &str) -> Arc<str> {
+        if let Some(lane) = self.0.get(action).and_then(|u| u.get(upstream)) {
+            return lane.clone();
+        }
+        let lane: Arc<str> = Arc::from(lane_key(action, upstream));
+        self.0
+            .entry(action.to_string())
+            .or_default()
+            .insert(upstream.to_string(), lane.clone());
+        lane
+    }
+}
 
 impl State {
     /// Whether the key (of an event: (action, event_id)) was recorded and its window has not
@@ -156,8 +177,7 @@ impl State {
                     let record = DeliveryRecord {
                         id: delivery_id(seq, index),
                         event: seq,
-                        action: action.clone(),
-                        upstream,
+                        lane: self.lanes.intern(&action, &upstream),
                         event_id: event_id.clone(),
                         accepted_ms,
                         attempts: 0,
@@ -169,7 +189,7 @@ impl State {
                         dead_ms: None,
                     };
                     self.queue(&record);
-                    *deltas.pending.entry(record.upstream.clone()).or_insert(0) += 1;
+                    *deltas.pending.entry(record.lane.clone()).or_insert(0) += 1;
                     self.deliveries.insert(record.id, record);
                 }
                 deltas.new_work = true;
@@ -194,7 +214,7 @@ impl State {
                 }
                 match kind {
                     AttemptKind::Delivered | AttemptKind::Skipped => {
-                        *deltas.pending.entry(record.upstream.clone()).or_insert(0) -= 1;
+                        *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
                         self.release_event(record.event);
                     }
                     AttemptKind::Retry => {
@@ -208,8 +228,8 @@ impl State {
                         record.dead_ms = Some(at_ms);
                         record.last_error = Some(error);
                         record.last_status = status.or(record.last_status);
-                        *deltas.pending.entry(record.upstream.clone()).or_insert(0) -= 1;
-                        *deltas.dead.entry(record.upstream.clone()).or_insert(0) += 1;
+                        *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
+                        *deltas.dead.entry(record.lane.clone()).or_insert(0) += 1;
                         self.dead.insert(id, record);
                     }
                 }
@@ -222,8 +242,8 @@ impl State {
                 record.attempts = 0;
                 record.dead_ms = None;
                 record.due_ms = at_ms;
-                *deltas.dead.entry(record.upstream.clone()).or_insert(0) -= 1;
-                *deltas.pending.entry(record.upstream.clone()).or_insert(0) += 1;
+                *deltas.dead.entry(record.lane.clone()).or_insert(0) -= 1;
+                *deltas.pending.entry(record.lane.clone()).or_insert(0) += 1;
                 self.queue(&record);
                 self.deliveries.insert(id, record);
                 deltas.new_work = true;
@@ -231,7 +251,7 @@ impl State {
             Record::Purge { id } => {
                 if let Some(record) = self.dead.remove(&id) {
                     self.note_ref(segment, id);
-                    *deltas.dead.entry(record.upstream).or_insert(0) -= 1;
+                    *deltas.dead.entry(record.lane).or_insert(0) -= 1;
                     self.release_event(record.event);
                 }
             }
@@ -265,10 +285,10 @@ impl State {
             let id = delivery_id(seq, index);
             if let Some(record) = self.deliveries.remove(&id) {
                 self.unqueue(&record);
-                *deltas.pending.entry(record.upstream.clone()).or_insert(0) -= 1;
+                *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
                 self.release_event(seq);
             } else if let Some(record) = self.dead.remove(&id) {
-                *deltas.dead.entry(record.upstream.clone()).or_insert(0) -= 1;
+                *deltas.dead.entry(record.lane.clone()).or_insert(0) -= 1;
                 self.release_event(seq);
             }
         }
@@ -281,10 +301,10 @@ impl State {
         self.note_ref(segment, s.id);
         let mut record = if let Some(record) = self.deliveries.remove(&s.id) {
             self.unqueue(&record);
-            *deltas.pending.entry(record.upstream.clone()).or_insert(0) -= 1;
+            *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
             record
         } else if let Some(record) = self.dead.remove(&s.id) {
-            *deltas.dead.entry(record.upstream.clone()).or_insert(0) -= 1;
+            *deltas.dead.entry(record.lane.clone()).or_insert(0) -= 1;
             record
         } else {
             return;
@@ -298,13 +318,13 @@ impl State {
         record.dead_ms = s.dead_ms;
         match s.kind {
             StateKind::Pending => {
-                *deltas.pending.entry(record.upstream.clone()).or_insert(0) += 1;
+                *deltas.pending.entry(record.lane.clone()).or_insert(0) += 1;
                 self.queue(&record);
                 self.deliveries.insert(s.id, record);
                 deltas.new_work = true;
             }
             StateKind::Dead => {
-                *deltas.dead.entry(record.upstream.clone()).or_insert(0) += 1;
+                *deltas.dead.entry(record.lane.clone()).or_insert(0) += 1;
                 self.dead.insert(s.id, record);
             }
             StateKind::Done => self.release_event(record.event),
@@ -415,18 +435,23 @@ impl State {
     }
 
     fn queue(&mut self, record: &DeliveryRecord) {
-        self.due
-            .entry(lane_key(&record.action, &record.upstream))
-            .or_default()
-            .insert((record.due_ms, record.id));
+        let entry = (record.due_ms, record.id);
+        match self.due.get_mut(&*record.lane) {
+            Some(queue) => {
+                queue.insert(entry);
+            }
+            None => {
+                self.due
+                    .insert(record.lane.to_string(), BTreeSet::from([entry]));
+            }
+        }
     }
 
     fn unqueue(&mut self, record: &DeliveryRecord) {
-        let lane = lane_key(&record.action, &record.upstream);
-        if let Some(queue) = self.due.get_mut(&lane) {
+        if let Some(queue) = self.due.get_mut(&*record.lane) {
             queue.remove(&(record.due_ms, record.id));
             if queue.is_empty() {
-                self.due.remove(&lane);
+                self.due.remove(&*record.lane);
             }
         }
     }

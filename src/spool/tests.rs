@@ -43,6 +43,28 @@ fn none() -> HashSet<u64> {
 }
 
 #[tokio::test]
+async fn deliveries_of_one_lane_share_its_name_after_a_restart_too() {
+    let dir = tempfile::tempdir().unwrap();
+    for reopen in [false, true] {
+        let (spool, _) = open(dir.path());
+        if !reopen {
+            for id in ["e1", "e2"] {
+                spool.append(event(id)).await.unwrap();
+            }
+        }
+        let due = spool.due("a/up2", now_ms(), 10, &none()).unwrap();
+        assert_eq!(due.len(), 2, "reopened: {reopen}");
+        let (first, _) = spool.load(due[0]).unwrap().unwrap();
+        let (second, _) = spool.load(due[1]).unwrap().unwrap();
+        assert_eq!((first.action(), first.upstream()), ("a", "up2"));
+        assert!(
+            Arc::ptr_eq(&first.lane, &second.lane),
+            "one string per lane"
+        );
+    }
+}
+
+#[tokio::test]
 async fn accepted_events_get_one_due_delivery_per_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let (spool, metrics) = open(dir.path());
@@ -55,7 +77,7 @@ async fn accepted_events_get_one_due_delivery_per_upstream() {
     assert_eq!((up1.len(), up2.len()), (1, 1));
     let (record, body) = spool.load(up1[0]).unwrap().unwrap();
     assert_eq!(record.event_id, "e1");
-    assert_eq!(record.upstream, "up1");
+    assert_eq!(record.upstream(), "up1");
     assert_eq!(&body[..], br#"{"event_id":"e1"}"#);
     assert_eq!(metrics.pending_deliveries("up1").get(), 1);
     assert_eq!(

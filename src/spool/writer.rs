@@ -30,7 +30,7 @@ use super::state::{Deltas, State};
 use super::{Commit, Inner};
 use crate::metrics::{Metrics, SpoolRefusal};
 use crate::store::guard::{self, GuardCheck, Guarded, HOUR_MS};
-use crate::store::{dedup_key, now_ms, Appended, Finish, NewEvent, StoreError};
+use crate::store::{dedup_key, now_ms, upstream_of, Appended, Finish, NewEvent, StoreError};
 
 /// Most changes in one batch: bounds the latency a batch adds to its first member.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -539,11 +539,13 @@ impl Writer {
             }
         }
         self.active_size += encoded.buf.len() as u64;
-        for (upstream, delta) in deltas.pending.drain() {
-            self.metrics.pending_deliveries(&upstream).add(delta);
+        for (lane, delta) in deltas.pending.drain() {
+            self.metrics
+                .pending_deliveries(upstream_of(&lane))
+                .add(delta);
         }
-        for (upstream, delta) in deltas.dead.drain() {
-            self.metrics.dead_letters(&upstream).add(delta);
+        for (lane, delta) in deltas.dead.drain() {
+            self.metrics.dead_letters(upstream_of(&lane)).add(delta);
         }
         Ok((sync, deltas.new_work))
     }

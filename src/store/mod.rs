@@ -27,7 +27,7 @@ use bytes::Bytes;
 use crate::spool::Spool;
 pub use guard::{GuardCheck, Guarded};
 pub use postgres::Postgres;
-pub use record::{lane_key, DeliveryRecord, Finish};
+pub use record::{lane_key, upstream_of, DeliveryRecord, Finish};
 
 /// The largest event body stored: `limits.max_body` may not be set higher. The spool frames
 /// records with u32 lengths, and a length past this bound is read as damage.

@@ -52,7 +52,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::guard::{self, GuardCheck, Guarded, HOUR_MS};
 use super::{
-    dedup_key, now_ms, Appended, DeliveryRecord, Finish, NewEvent, StoreCounts, StoreError,
+    dedup_key, lane_key, now_ms, Appended, DeliveryRecord, Finish, NewEvent, StoreCounts,
+    StoreError,
 };
 use crate::metrics::{Metrics, SpoolRefusal};
 
@@ -285,8 +286,10 @@ fn record_of(row: &Row) -> Result<DeliveryRecord, tokio_postgres::Error> {
     Ok(DeliveryRecord {
         id: u64_of(row.try_get("id")?),
         event: u64_of(row.try_get("event")?),
-        action: row.try_get("action")?,
-        upstream: row.try_get("upstream")?,
+        lane: Arc::from(lane_key(
+            row.try_get::<_, &str>("action")?,
+            row.try_get::<_, &str>("upstream")?,
+        )),
         event_id: row.try_get("event_id")?,
         accepted_ms: u64_of(row.try_get("accepted_ms")?),
         attempts: u32::try_from(row.try_get::<_, i32>("attempts")?).unwrap_or(0),
