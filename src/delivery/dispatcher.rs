@@ -25,7 +25,7 @@ use super::{client, request, DeliveryOutcome};
 use crate::config::{Config, FlashdutyApi, ReportOutcome, Upstream, REPORT_UPSTREAM};
 use crate::lifecycle::{wait_until, Lifecycle};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, NewEvent, Store};
+use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, IdSet, NewEvent, Store};
 
 /// Longest a lane sleeps without looking at the spool, as a safety net for missed wake-ups.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -88,7 +88,7 @@ struct Lane {
     action: String,
     conf: ArcSwap<LaneConf>,
     /// Deliveries with an attempt running; at most `upstream.concurrency` of them.
-    in_flight: Mutex<HashSet<u64>>,
+    in_flight: Mutex<IdSet>,
     /// Woken when an attempt finishes or the lane's settings change.
     changed: Notify,
     /// No longer configured: start no attempt, let the running ones finish.
@@ -209,7 +209,7 @@ impl Dispatcher {
                 metrics: self.metrics.for_upstream(&action, &upstream),
                 action,
                 conf: ArcSwap::from_pointee(conf),
-                in_flight: Mutex::new(HashSet::new()),
+                in_flight: Mutex::new(IdSet::default()),
                 changed: Notify::new(),
                 retired: AtomicBool::new(false),
                 started: AtomicBool::new(false),
@@ -356,7 +356,7 @@ impl Dispatcher {
         for _ in 0..SWEEP_PASSES {
             let ids = self
                 .store
-                .due(key, upto, SWEEP_SLICE, &HashSet::new())
+                .due(key, upto, SWEEP_SLICE, &IdSet::default())
                 .await
                 .unwrap_or_default();
             if ids.is_empty() {
@@ -527,7 +527,7 @@ impl Lane {
             .saturating_sub(running)
     }
 
-    fn in_flight_ids(&self) -> HashSet<u64> {
+    fn in_flight_ids(&self) -> IdSet {
         self.in_flight.lock().map(|s| s.clone()).unwrap_or_default()
     }
 

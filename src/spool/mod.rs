@@ -24,7 +24,7 @@ mod segment;
 mod state;
 mod writer;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -39,7 +39,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::metrics::Metrics;
 use crate::store::{
-    Appended, DeliveryRecord, Finish, GuardCheck, NewEvent, StoreCounts, StoreError,
+    Appended, DeliveryRecord, Finish, GuardCheck, IdSet, NewEvent, StoreCounts, StoreError,
 };
 use state::{Deltas, State};
 pub use writer::SEGMENT_BYTES;
@@ -663,7 +663,7 @@ impl Spool {
         lane: &str,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<u64>,
+        skip: &IdSet,
     ) -> Result<Vec<u64>, StoreError> {
         let state = self.state()?;
         let Some(queue) = state.due.get(lane) else {
@@ -678,7 +678,7 @@ impl Spool {
     }
 
     /// When the earliest delivery of `lane` not in `skip` is due, if there is one.
-    pub fn next_due_ms(&self, lane: &str, skip: &HashSet<u64>) -> Result<Option<u64>, StoreError> {
+    pub fn next_due_ms(&self, lane: &str, skip: &IdSet) -> Result<Option<u64>, StoreError> {
         let state = self.state()?;
         Ok(state.due.get(lane).and_then(|queue| {
             queue

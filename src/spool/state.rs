@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::segment::{AttemptKind, Record, Snapshot, StateKind};
 use crate::store::guard::parse_rate_key;
-use crate::store::{dedup_key, lane_key, DeliveryRecord};
+use crate::store::{dedup_key, lane_key, DeliveryRecord, IdMap};
 
 /// An accepted event whose bytes some delivery still needs.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +35,7 @@ pub struct SegmentInfo {
     /// Deliveries with a record here whose event was accepted in an older segment, with that
     /// segment. While that segment exists its accept record recreates the delivery at
     /// start-up, so the delivery's fate must outlive this segment: see [`State::carry`].
-    pub refs: HashMap<u64, u64>,
+    pub refs: IdMap<u64>,
     /// Events of older segments that a `Finished` record here declares done.
     pub finished: BTreeSet<u64>,
 }
@@ -60,8 +60,8 @@ pub struct State {
     pub next_seq: u64,
     /// Every lane key once, shared by the deliveries of the lane.
     lanes: Lanes,
-    pub events: HashMap<u64, EventEntry>,
-    pub deliveries: HashMap<u64, DeliveryRecord>,
+    pub events: IdMap<EventEntry>,
+    pub deliveries: IdMap<DeliveryRecord>,
     pub dead: BTreeMap<u64, DeliveryRecord>,
     /// Lane → (due ms, delivery id).
     pub due: HashMap<String, BTreeSet<(u64, u64)>>,

@@ -1,5 +1,6 @@
 use super::*;
 use crate::store::{dedup_key, now_ms, Guarded, MAX_BODY};
+use std::collections::HashSet;
 
 use crate::config::Config;
 
@@ -38,8 +39,8 @@ fn event(id: &str) -> NewEvent {
     }
 }
 
-fn none() -> HashSet<u64> {
-    HashSet::new()
+fn none() -> IdSet {
+    IdSet::default()
 }
 
 #[tokio::test]
@@ -253,7 +254,7 @@ async fn in_flight_deliveries_can_be_skipped_when_listing() {
     spool.append(event("e1")).await.unwrap();
     spool.append(event("e2")).await.unwrap();
     let all = spool.due("a/up1", now_ms(), 10, &none()).unwrap();
-    let skip: HashSet<u64> = [all[0]].into();
+    let skip: IdSet = [all[0]].into_iter().collect();
     assert_eq!(
         spool.due("a/up1", now_ms(), 10, &skip).unwrap(),
         vec![all[1]]

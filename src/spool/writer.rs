@@ -30,7 +30,7 @@ use super::state::{Deltas, State};
 use super::{Commit, Inner};
 use crate::metrics::{Metrics, SpoolRefusal};
 use crate::store::guard::{self, GuardCheck, Guarded, HOUR_MS};
-use crate::store::{dedup_key, now_ms, upstream_of, Appended, Finish, NewEvent, StoreError};
+use crate::store::{dedup_key, now_ms, upstream_of, Appended, Finish, IdSet, NewEvent, StoreError};
 
 /// Most changes in one batch: bounds the latency a batch adds to its first member.
 pub(super) const MAX_BATCH: usize = 1024;
@@ -155,8 +155,8 @@ struct BatchView {
     keys: HashSet<String>,
     /// Pushes of an action counted against `max_per_hour` in this batch.
     rated: HashMap<String, usize>,
-    dead_taken: HashSet<u64>,
-    finished: HashSet<u64>,
+    dead_taken: IdSet,
+    finished: IdSet,
 }
 
 /// The writer's state, owned by its thread.

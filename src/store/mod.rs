@@ -14,6 +14,7 @@
 //! the other, and neither needs the config.
 
 pub mod guard;
+mod ids;
 pub mod postgres;
 mod record;
 
@@ -26,6 +27,7 @@ use bytes::Bytes;
 
 use crate::spool::Spool;
 pub use guard::{GuardCheck, Guarded};
+pub use ids::{IdMap, IdSet};
 pub use postgres::Postgres;
 pub use record::{lane_key, upstream_of, DeliveryRecord, Finish};
 
@@ -203,7 +205,7 @@ impl Store {
         lane: &str,
         now_ms: u64,
         limit: usize,
-        skip: &HashSet<u64>,
+        skip: &IdSet,
     ) -> Result<Vec<u64>, StoreError> {
         match self {
             Store::Local(spool) => spool.due(lane, now_ms, limit, skip),
@@ -212,11 +214,7 @@ impl Store {
     }
 
     /// When the earliest delivery of `lane` not in `skip` can be taken, if there is one.
-    pub async fn next_due_ms(
-        &self,
-        lane: &str,
-        skip: &HashSet<u64>,
-    ) -> Result<Option<u64>, StoreError> {
+    pub async fn next_due_ms(&self, lane: &str, skip: &IdSet) -> Result<Option<u64>, StoreError> {
         match self {
             Store::Local(spool) => spool.next_due_ms(lane, skip),
             Store::Postgres(pg) => pg.next_due_ms(lane, skip).await,

@@ -52,7 +52,7 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::guard::{self, GuardCheck, Guarded, HOUR_MS};
 use super::{
-    dedup_key, lane_key, now_ms, Appended, DeliveryRecord, Finish, NewEvent, StoreCounts,
+    dedup_key, lane_key, now_ms, Appended, DeliveryRecord, Finish, IdSet, NewEvent, StoreCounts,
     StoreError,
 };
 use crate::metrics::{Metrics, SpoolRefusal};
@@ -278,7 +278,7 @@ fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
         .collect()
 }
 
-fn ids_of(ids: &HashSet<u64>) -> Vec<i64> {
+fn ids_of(ids: &IdSet) -> Vec<i64> {
     ids.iter().map(|&id| i64_of(id)).collect()
 }
 
@@ -565,7 +565,7 @@ impl Postgres {
         lane: &str,
         now: u64,
         limit: usize,
-        skip: &HashSet<u64>,
+        skip: &IdSet,
     ) -> Result<Vec<u64>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
@@ -611,11 +611,7 @@ impl Postgres {
     /// When the lane should look again: the earliest due delivery it could take, or the
     /// earliest claim of another instance to run out. Two index lookups, never a scan of the
     /// lane's backlog: this runs at every wake-up of every lane.
-    pub async fn next_due_ms(
-        &self,
-        lane: &str,
-        skip: &HashSet<u64>,
-    ) -> Result<Option<u64>, StoreError> {
+    pub async fn next_due_ms(&self, lane: &str, skip: &IdSet) -> Result<Option<u64>, StoreError> {
         let rows = self
             .rows(
                 "SELECT least(
