@@ -448,6 +448,84 @@ async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_synchronous_standby_acks_nothing_keeps_the_store_down_and_strands_no_session() {
+    let primary = PgServer::primary().await;
+    let mut standby = PgServer::standby_of(&primary).await;
+    // A setting a DBA may well have made for speed: the acks must not inherit it.
+    primary.psql(
+        "postgres",
+        "ALTER DATABASE actiongate SET synchronous_commit = off",
+    );
+    let upstream = Upstream::ok().await;
+    let gateway = Gateway::start(&config(&primary.url(), &upstream.url("/"), "")).await;
+    assert_eq!(post(&gateway, "before").await.status, 200);
+
+    // The primary answers every query but can commit nothing durably.
+    standby.kill9();
+    eventually_async(WAIT, || async {
+        let streaming = primary.query("postgres", "SELECT count(*) FROM pg_stat_replication");
+        (streaming.trim() == "0").then_some(())
+    })
+    .await;
+    let refused = post(&gateway, "lost-0").await;
+    assert_eq!(
+        refused.status,
+        503,
+        "acked without the standby: {}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert!(refused.header("retry-after").is_some());
+    eventually_async(WAIT, || async {
+        let ready = client::get(gateway.admin, "/readyz").await;
+        (ready.status == 503).then_some(())
+    })
+    .await;
+    // It stays down while no commit completes: a server that merely answers is not one that
+    // takes acks. Two of the probe's rounds (each waits out its commit for 5 s).
+    let watched = Instant::now();
+    let mut n = 0;
+    while watched.elapsed() < Duration::from_secs(11) {
+        n += 1;
+        let ready = client::get(gateway.admin, "/readyz").await;
+        assert_eq!(ready.status, 503, "marked up after {:?}", watched.elapsed());
+        let r = post(&gateway, &format!("lost-{n}")).await;
+        assert_eq!(
+            r.status,
+            503,
+            "lost-{n}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.header("retry-after").is_some());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // No session of the gateway's is left waiting for the standby: a commit that timed out
+    // was cancelled before its connection was dropped (only the probe's own may be waiting).
+    eventually_async(WAIT, || async {
+        let stuck = primary.query(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'actiongate' AND wait_event = 'SyncRep'",
+        );
+        (stuck.trim() == "0").then_some(())
+    })
+    .await;
+
+    standby.start().await;
+    eventually_async(WAIT, || async {
+        let r = post(&gateway, "after").await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(client::get(gateway.admin, "/readyz").await.status, 200);
+    // What was acknowledged is delivered, once.
+    eventually_async(WAIT, || async {
+        let seen = deliveries(&upstream.received());
+        (seen.get("before") == Some(&1) && seen.get("after") == Some(&1)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_with_a_newer_schema_is_refused_at_start() {
     let db = PgServer::primary().await;
     let upstream = Upstream::ok().await;

@@ -119,6 +119,10 @@ struct Core {
     appends: Pool,
     /// For the LISTEN connection, which lives outside the pool.
     pg: tokio_postgres::Config,
+    /// The appends' settings, for the probe: the store is up again when a commit made as an
+    /// ack's would be completes, not merely when a server answers. Named `actiongate probe`
+    /// in `pg_stat_activity`.
+    probe: tokio_postgres::Config,
     dedup_window_ms: u64,
     /// Names this instance's claims, for a post-mortem of who held what.
     instance: String,
@@ -382,22 +386,37 @@ impl Postgres {
             .tcp_user_timeout(OP_TIMEOUT)
             .application_name("actiongate");
         migrate(&pg, wait)?;
-        // Appends have connections of their own: an ack never waits behind deliveries.
-        let appends = pool_of(&pg, COMMITTERS)?;
+        let given = pg.get_options().unwrap_or_default().to_string();
+        // The server's side of the same: a session whose gateway died (host gone, network cut)
+        // would otherwise keep its transaction, and the guard locks and key rows it holds,
+        // open until the server's own keep-alive gives up (two hours by default), stalling
+        // every batch that pushes the same action on every other instance.
+        let server_side = "-c idle_in_transaction_session_timeout=10s -c tcp_keepalives_idle=10 \
+                           -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3";
+        // Appends have connections of their own: an ack never waits behind deliveries. Their
+        // commits are durable whatever the role or database says (`synchronous_commit=off` set
+        // there would make every ack a promise the server may not keep), unless the URL's own
+        // options choose a level.
+        let mut durable = pg.clone();
+        durable.options(if given.contains("synchronous_commit") {
+            format!("{given} {server_side}")
+        } else {
+            format!("{given} {server_side} -c synchronous_commit=on")
+        });
+        let appends = pool_of(&durable, COMMITTERS)?;
+        let mut probe = durable;
+        probe.application_name("actiongate probe");
         // Everything else commits without waiting for the disk (or the standby), as the spool
         // writes results without an fsync of their own: a crash can lose the last results,
         // which repeats those deliveries (at least once), never an acknowledged event.
         let mut relaxed = pg.clone();
-        let options = match pg.get_options() {
-            Some(given) => format!("{given} -c synchronous_commit=off"),
-            None => "-c synchronous_commit=off".to_string(),
-        };
-        relaxed.options(options);
+        relaxed.options(format!("{given} {server_side} -c synchronous_commit=off"));
         let pool = pool_of(&relaxed, pool)?;
         let core = Arc::new(Core {
             pool,
             appends,
             pg,
+            probe,
             dedup_window_ms: millis(dedup_window),
             instance: instance_name(),
             work: Arc::new(Notify::new()),
@@ -895,6 +914,7 @@ impl Core {
                 Err(self.failed(&e))
             }
             Err(_) => {
+                cancel(&client);
                 drop(Object::take(client));
                 Err(self.timed_out())
             }
@@ -928,6 +948,7 @@ impl Core {
                     return Err(self.failed(&e));
                 }
                 Err(_) => {
+                    cancel(&client);
                     drop(Object::take(client));
                     return Err(self.timed_out());
                 }
@@ -1473,7 +1494,7 @@ async fn probe(core: Arc<Core>) {
         }
         let mut pause = PROBE_FIRST;
         while core.is_down.load(Ordering::Acquire) {
-            match read_write(&core.pg).await {
+            match durable_commit(&core.probe).await {
                 Ok(()) => {
                     core.mark_up();
                     core.work.notify_waiters();
@@ -1487,26 +1508,62 @@ async fn probe(core: Arc<Core>) {
     }
 }
 
-/// Whether a new connection reaches a server that takes writes, within [`OP_TIMEOUT`].
-async fn read_write(pg: &tokio_postgres::Config) -> Result<(), String> {
+/// Whether a new connection reaches a server that takes writes and commits one as an ack
+/// would (with a synchronous standby, the standby has it), within [`OP_TIMEOUT`]. A server
+/// that answers but cannot commit (its synchronous standby is gone) is still down: marking it
+/// up would let every append wait out its deadline and answer 503 anyway, a connection stuck
+/// at each.
+async fn durable_commit(pg: &tokio_postgres::Config) -> Result<(), String> {
+    let (client, connection) = tokio::time::timeout(OP_TIMEOUT, pg.connect(NoTls))
+        .await
+        .map_err(|_| format!("no answer within {} s", OP_TIMEOUT.as_secs()))?
+        .map_err(|e| describe(&e))?;
+    let driver = tokio::spawn(connection);
     let check = async {
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
-        let driver = tokio::spawn(connection);
         let row = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await
             .map_err(|e| describe(&e))?;
-        drop(client);
-        driver.abort();
         match row.try_get::<_, bool>(0) {
-            Ok(false) => Ok(()),
-            Ok(true) => Err("the server is a standby".to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(false) => {}
+            Ok(true) => return Err("the server is a standby".to_string()),
+            Err(e) => return Err(e.to_string()),
         }
+        // A row version written and committed: the commit waits for the disk and for a
+        // synchronous standby as an ack's does.
+        client
+            .execute(
+                "UPDATE actiongate_schema SET version = version WHERE id = 1",
+                &[],
+            )
+            .await
+            .map(drop)
+            .map_err(|e| describe(&e))
     };
-    tokio::time::timeout(OP_TIMEOUT, check)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {} s", OP_TIMEOUT.as_secs())))
+    let checked = tokio::time::timeout(OP_TIMEOUT, check).await;
+    if checked.is_err() {
+        cancel(&client);
+    }
+    // The connection's task ends by itself once the client is gone.
+    drop((client, driver));
+    checked.unwrap_or_else(|_| {
+        Err(format!(
+            "no commit within {} s (is a synchronous standby gone?)",
+            OP_TIMEOUT.as_secs()
+        ))
+    })
+}
+
+/// Asks the server to stop what the session of `client` is doing, before the gateway drops a
+/// connection that timed out. A commit waiting for a synchronous standby that is gone never
+/// notices its client leave: without this each timed-out commit would hold a server
+/// connection (and its locks) until the standby came back, and the pools would reconnect
+/// past `max_connections`.
+fn cancel(client: &tokio_postgres::Client) {
+    let token = client.cancel_token();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(OP_TIMEOUT, token.cancel_query(NoTls)).await;
+    });
 }
 
 /// Renews the leases of the deliveries this instance's attempts hold.
