@@ -40,6 +40,7 @@ pub struct Metrics {
     deliveries: IntCounterVec,
     attempt_duration: HistogramVec,
     lag: HistogramVec,
+    claims_lost: IntCounterVec,
     pending: IntGaugeVec,
     dead: IntGaugeVec,
     drift: IntCounterVec,
@@ -146,6 +147,8 @@ pub struct UpstreamMetrics {
     outcomes: Vec<IntCounter>,
     pub attempt_duration: Histogram,
     pub lag: Histogram,
+    /// Attempts not sent in cluster mode: the claim was lost or could not be renewed in time.
+    pub claims_lost: IntCounter,
 }
 
 impl UpstreamMetrics {
@@ -242,6 +245,12 @@ impl Metrics {
                 "From acceptance to successful delivery.",
                 &["action", "upstream"],
                 LAG_BUCKETS,
+            ),
+            claims_lost: counter(
+                "actiongate_claims_lost_total",
+                "Attempts not sent because this instance's claim on the delivery was lost or \
+                 could not be renewed in time (cluster mode; another instance sends it).",
+                &["action", "upstream"],
             ),
             pending: gauge(
                 "actiongate_pending_deliveries",
@@ -381,6 +390,7 @@ impl Metrics {
                 .collect(),
             attempt_duration: self.attempt_duration.with_label_values(&[action, upstream]),
             lag: self.lag.with_label_values(&[action, upstream]),
+            claims_lost: self.claims_lost.with_label_values(&[action, upstream]),
         }
     }
 

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use actiongate::store::{now_ms, Appended, IdSet, NewEvent, Postgres};
 use support::client::{self, Request};
 use support::gateway::Gateway;
 use support::postgres::PgServer;
@@ -523,6 +524,75 @@ async fn a_lost_synchronous_standby_acks_nothing_keeps_the_store_down_and_strand
         (seen.get("before") == Some(&1) && seen.get("after") == Some(&1)).then_some(())
     })
     .await;
+}
+
+/// The store on `db` as a gateway opens it, from a test's runtime.
+async fn open_store(db: &PgServer) -> Postgres {
+    let url = db.url();
+    tokio::task::spawn_blocking(move || {
+        let metrics = Arc::new(actiongate::metrics::Metrics::new());
+        Postgres::open(&url, 2, Duration::from_secs(600), metrics, WAIT)
+    })
+    .await
+    .expect("open")
+    .expect("the store opens")
+}
+
+/// Stores one event for `act` with the delivery `act/up`, and claims that delivery.
+async fn claim_one(store: &Postgres, event_id: &str) -> u64 {
+    let appended = store
+        .append(
+            NewEvent {
+                action: Arc::from("act"),
+                event_id: event_id.to_string(),
+                body: event_with_id(event_id).into(),
+                upstreams: vec![Arc::from("up")],
+            },
+            None,
+        )
+        .await
+        .expect("append");
+    assert!(matches!(appended, Appended::Accepted(_)), "{appended:?}");
+    let claimed = store
+        .claim("act/up", now_ms(), 10, &IdSet::default())
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    claimed[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stops_sending_what_its_claim_no_longer_covers() {
+    let mut db = PgServer::primary().await;
+    let store = open_store(&db).await;
+
+    // Taken by another instance (its clock saw the lease run out): the next renewal finds
+    // the claim gone, and this instance must not send it.
+    let taken = claim_one(&store, "taken-elsewhere").await;
+    assert!(store.may_send(taken));
+    db.psql(
+        "actiongate",
+        &format!("UPDATE actiongate_deliveries SET leased_by = 'elsewhere' WHERE id = {taken}"),
+    );
+    eventually_async(WAIT, || async { (!store.may_send(taken)).then_some(()) }).await;
+
+    // Renewed while the database answers: still sendable past the point where an unrenewed
+    // claim would have stopped (its lease less the margin, 20 s).
+    let held = claim_one(&store, "held").await;
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    assert!(store.may_send(held), "a renewed claim ran out");
+
+    // The database unreachable: no renewal, and past the margin nothing is sent, before any
+    // other instance could take it.
+    db.stop_immediate();
+    let stopped = Instant::now();
+    eventually_async(WAIT, || async { (!store.may_send(held)).then_some(()) }).await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(30),
+        "still sendable {:?} after the database went away",
+        stopped.elapsed()
+    );
+    drop(store);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -652,6 +652,17 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
             request::uri(&url)
         }
     };
+    // Last thing before sending: the load, a template or the Flashduty pace may have taken
+    // long enough for the claim to be lost.
+    if !store.may_send(id) {
+        log::warn!(
+            "lane {}: delivery {id} not sent: this instance's claim on it was lost or could not be \
+             renewed in time (the database unreachable?); it is taken again, here or elsewhere",
+            lane.key
+        );
+        lane.metrics.claims_lost.inc();
+        return;
+    }
     let started = Instant::now();
     let sent = match uri {
         Ok(uri) => client::send(&conf.client, upstream, uri, headers, body).await,

@@ -229,6 +229,15 @@ impl Store {
         }
     }
 
+    /// Whether an attempt of `delivery` may be sent now. Always, on the spool; in cluster mode
+    /// only while this instance's claim holds with time to spare (see [`Postgres::may_send`]).
+    pub fn may_send(&self, delivery: u64) -> bool {
+        match self {
+            Store::Local(_) => true,
+            Store::Postgres(pg) => pg.may_send(delivery),
+        }
+    }
+
     /// Lets go of a delivery whose attempt has ended, whether or not its result was recorded:
     /// one not recorded is taken again (in cluster mode, once its claim runs out).
     pub fn release(&self, delivery: u64) {

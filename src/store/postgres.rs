@@ -68,6 +68,11 @@ const LEASE: Duration = Duration::from_secs(30);
 /// How often held claims are renewed: six chances before one runs out.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 
+/// Lease an attempt must have left to be sent: an instance that could not renew for twenty
+/// seconds stops sending what another may take ten seconds later. Leases are compared on
+/// the instances' wall clocks: keep them in sync (NTP), well within this.
+const SEND_MARGIN: Duration = Duration::from_secs(10);
+
 /// See [`super::Store::orphan_grace`]. Instances announce their lanes before they accept a
 /// request and every [`MAINTENANCE_EVERY`] after: this is ample for the first announcement.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(10);
@@ -134,7 +139,7 @@ struct Core {
     /// Woken when the store is marked down, to start the probe.
     went_down: Notify,
     /// Deliveries this instance has claimed and not finished: their leases are renewed.
-    held: Mutex<HashSet<i64>>,
+    held: Mutex<HashMap<i64, Claim>>,
     /// The lanes this instance runs, announced in `actiongate_lanes` so that no other
     /// instance takes their deliveries for orphans.
     lanes: Mutex<Vec<String>>,
@@ -144,6 +149,16 @@ struct Core {
     /// Set when the lanes changed, to announce them at once.
     lanes_changed: Notify,
     metrics: Arc<Metrics>,
+}
+
+/// A claim as this instance knows it, on its own monotonic clock.
+#[derive(Clone, Copy)]
+struct Claim {
+    /// When the statement that took it was sent: a renewal sent before this says nothing of it.
+    taken: Instant,
+    /// When the lease as last confirmed runs out, counted from before the statement that set
+    /// it was sent (so never later than the database's own `leased_until`, clock skew apart).
+    until: Instant,
 }
 
 /// The thread and runtime the store's I/O runs on, started on first use and stopped when the
@@ -423,7 +438,7 @@ impl Postgres {
             down: Mutex::new(None),
             is_down: AtomicBool::new(false),
             went_down: Notify::new(),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
             lanes: Mutex::new(Vec::new()),
             notify_others: Notify::new(),
             lanes_changed: Notify::new(),
@@ -590,6 +605,7 @@ impl Postgres {
             return Ok(Vec::new());
         }
         let wall = now_ms();
+        let taken = Instant::now();
         let rows = self
             .rows(
                 "UPDATE actiongate_deliveries SET leased_until = $4, leased_by = $5
@@ -617,8 +633,24 @@ impl Postgres {
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad_row)?;
         ids.sort_unstable();
-        self.core.held().extend(ids.iter().copied());
+        let claim = Claim {
+            taken,
+            until: taken + LEASE,
+        };
+        self.core.held().extend(ids.iter().map(|&id| (id, claim)));
         Ok(ids.into_iter().map(u64_of).collect())
+    }
+
+    /// Whether an attempt of `delivery` may still be sent: this instance holds its claim, and
+    /// the lease as last confirmed has [`SEND_MARGIN`] left. An instance cut off from the
+    /// database cannot renew; past this another instance may soon take the delivery, and
+    /// both would send it.
+    pub fn may_send(&self, delivery: u64) -> bool {
+        let now = Instant::now();
+        self.core
+            .held()
+            .get(&i64_of(delivery))
+            .is_some_and(|claim| claim.until > now + SEND_MARGIN)
     }
 
     /// Gives up the claim of a delivery whose attempt ended without a recorded result (its
@@ -830,7 +862,7 @@ impl StoreRuntime {
 type TxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'a>>;
 
 impl Core {
-    fn held(&self) -> MutexGuard<'_, HashSet<i64>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<i64, Claim>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -1570,34 +1602,59 @@ fn cancel(client: &tokio_postgres::Client) {
 async fn renew_leases(core: Arc<Core>) {
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
-        let ids: Vec<i64> = core.held().iter().copied().collect();
-        if ids.is_empty() {
+        // Each claim as it is now: one taken again meanwhile is a claim this renewal does not
+        // speak for. Every one of these had committed before the renewal is sent.
+        let claims: Vec<(i64, Instant)> =
+            core.held().iter().map(|(&id, c)| (id, c.taken)).collect();
+        if claims.is_empty() {
             continue;
         }
         let instance = core.instance.clone();
+        let sent = Instant::now();
+        let asked: Vec<i64> = claims.iter().map(|&(id, _)| id).collect();
         let renewed = core
             .on_client(move |client| {
                 Box::pin(async move {
                     let until = i64_of(now_ms().saturating_add(millis(LEASE)));
                     // Not a claim already given back (`leased_until = 0`): a result recorded
                     // meanwhile stays recorded.
-                    client
-                        .execute(
+                    let rows = client
+                        .query(
                             &client
                                 .prepare_cached(
                                     "UPDATE actiongate_deliveries SET leased_until = $1
                              WHERE id = ANY($2) AND leased_by = $3 AND dead_ms IS NULL
-                               AND leased_until > 0",
+                               AND leased_until > 0
+                             RETURNING id",
                                 )
                                 .await?,
-                            &[&until, &ids, &instance],
+                            &[&until, &asked, &instance],
                         )
-                        .await
+                        .await?;
+                    rows.iter()
+                        .map(|row| row.try_get::<_, i64>(0))
+                        .collect::<Result<HashSet<i64>, _>>()
                 })
             })
             .await;
-        if let Err(e) = renewed {
-            log::warn!("store: cannot renew this instance's claims: {e}");
+        match renewed {
+            Ok(renewed) => {
+                let mut held = core.held();
+                for (id, taken) in claims {
+                    // A claim finished or taken again meanwhile is not the one renewed.
+                    let Some(claim) = held.get_mut(&id).filter(|c| c.taken == taken) else {
+                        continue;
+                    };
+                    if renewed.contains(&id) {
+                        claim.until = sent + LEASE;
+                    } else {
+                        // Finished, given back, or taken by another instance whose clock saw
+                        // the lease run out: this instance must not send it.
+                        held.remove(&id);
+                    }
+                }
+            }
+            Err(e) => log::warn!("store: cannot renew this instance's claims: {e}"),
         }
     }
 }
