@@ -31,6 +31,10 @@ use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, IdSet, NewEvent, St
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Pause after a spool read error before trying again.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// How long the result of an attempt is offered to a store that cannot record it, before the
+/// attempt is left to be made again: a database failover or restart fits well within.
+const RECORD_FOR: Duration = Duration::from_secs(60);
+const RECORD_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// How often deliveries for lanes that are no longer configured are looked for. A request
 /// still running on the config before a reload can store one after its lane has let go.
 const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -356,7 +360,7 @@ impl Dispatcher {
         for _ in 0..SWEEP_PASSES {
             let ids = self
                 .store
-                .due(key, upto, SWEEP_SLICE, &IdSet::default())
+                .due(key, upto, SWEEP_SLICE, &IdSet::default(), Duration::ZERO)
                 .await
                 .unwrap_or_default();
             if ids.is_empty() {
@@ -471,7 +475,8 @@ async fn run_lane(lane: Arc<Lane>, store: Store, lifecycle: Arc<Lifecycle>, pace
         let mut skip = lane.in_flight_ids();
         let free = lane.free(skip.len());
         if free > 0 {
-            match store.due(&lane.key, now, free, &skip).await {
+            let timeout = lane.conf.load().upstream.timeout;
+            match store.due(&lane.key, now, free, &skip, timeout).await {
                 Ok(ids) => {
                     for id in ids {
                         lane.mark_in_flight(id);
@@ -807,18 +812,40 @@ async fn record_finish(
     lag_ms: Option<u64>,
     report: Option<NewEvent>,
 ) {
-    match store.finish_reported(id, finish, report).await {
-        Ok(()) => {
-            lane.metrics.delivery(outcome);
-            if let Some(lag) = lag_ms {
-                lane.metrics.lag.observe(lag as f64 / 1000.0);
+    // The attempt was made: giving up on its result means making it again. So the result is
+    // recorded again and again, with backoff, for as long as the store may come back within
+    // (a failover, a restart of the database). In cluster mode the claim stays held, and is
+    // renewed, meanwhile.
+    let started = Instant::now();
+    let mut pause = ERROR_PAUSE;
+    loop {
+        match store
+            .finish_reported(id, finish.clone(), report.clone())
+            .await
+        {
+            Ok(()) => {
+                lane.metrics.delivery(outcome);
+                if let Some(lag) = lag_ms {
+                    lane.metrics.lag.observe(lag as f64 / 1000.0);
+                }
+                return;
             }
-        }
-        // The delivery stays due as it was and is tried again: at least once. Not at once:
-        // a store that cannot record results would otherwise have it sent again and again.
-        Err(e) => {
-            log::error!("lane {}: cannot record delivery {id}: {e}", lane.key);
-            tokio::time::sleep(ERROR_PAUSE).await;
+            Err(e) if started.elapsed() + pause < RECORD_FOR => {
+                log::warn!(
+                    "lane {}: cannot record delivery {id} yet ({e}); trying again in {pause:?}",
+                    lane.key
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RECORD_PAUSE_MAX);
+            }
+            // The delivery stays due as it was and is tried again: at least once.
+            Err(e) => {
+                log::error!(
+                    "lane {}: cannot record delivery {id} ({e}); it will be attempted again",
+                    lane.key
+                );
+                return;
+            }
         }
     }
 }

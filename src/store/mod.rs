@@ -199,17 +199,19 @@ impl Store {
 
     /// Takes up to `limit` deliveries of `lane` due at `now_ms`, oldest first, except `skip`
     /// (the lane's attempts in flight). In cluster mode they are claimed for this instance
-    /// for a lease: no other instance takes them until it runs out.
+    /// for a lease that covers an attempt of `timeout`: no other instance takes them until it
+    /// runs out.
     pub async fn due(
         &self,
         lane: &str,
         now_ms: u64,
         limit: usize,
         skip: &IdSet,
+        timeout: Duration,
     ) -> Result<Vec<u64>, StoreError> {
         match self {
             Store::Local(spool) => spool.due(lane, now_ms, limit, skip),
-            Store::Postgres(pg) => pg.claim(lane, now_ms, limit, skip).await,
+            Store::Postgres(pg) => pg.claim(lane, now_ms, limit, skip, timeout).await,
         }
     }
 

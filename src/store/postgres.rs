@@ -60,18 +60,30 @@ use crate::metrics::{Metrics, SpoolRefusal};
 /// The schema this build writes. A database at a newer version is refused at start.
 const SCHEMA_VERSION: i32 = 1;
 
-/// How long a claim holds a delivery without being renewed. An instance renews the claims of
-/// its running attempts every third of it; a dead instance's claims are free this long after
+/// How long a claim holds a delivery without being renewed, at least: longer for an upstream
+/// whose attempts may take longer (see [`lease_for`]). An instance renews the claims of its
+/// running attempts every [`RENEW_EVERY`]; a dead instance's claims are free this long after
 /// its last renewal.
 const LEASE: Duration = Duration::from_secs(30);
 
 /// How often held claims are renewed: six chances before one runs out.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 
-/// Lease an attempt must have left to be sent: an instance that could not renew for twenty
-/// seconds stops sending what another may take ten seconds later. Leases are compared on
-/// the instances' wall clocks: keep them in sync (NTP), well within this.
-const SEND_MARGIN: Duration = Duration::from_secs(10);
+/// Room for the instances' wall clocks to differ (leases are compared on them: keep them in
+/// sync with NTP, well within this). An attempt is sent only if the lease as last renewed
+/// outlasts its whole timeout and this: it is over before another instance may take the
+/// delivery, even one whose clock runs ahead.
+const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// How long an instance may go without renewing before it stops sending: three renewals.
+const UNRENEWED: Duration = Duration::from_secs(15);
+
+/// The lease of a claim for attempts that may take `timeout`: long enough that a send may
+/// start for [`UNRENEWED`] after the last renewal and still end, with [`CLOCK_SKEW`] to spare,
+/// before the lease runs out.
+fn lease_for(timeout: Duration) -> Duration {
+    LEASE.max(timeout + CLOCK_SKEW + UNRENEWED)
+}
 
 /// See [`super::Store::orphan_grace`]. Instances announce their lanes before they accept a
 /// request and every [`MAINTENANCE_EVERY`] after: this is ample for the first announcement.
@@ -122,6 +134,9 @@ struct Core {
     pool: Pool,
     /// The committers' connections: committed durably, and never busy with deliveries.
     appends: Pool,
+    /// One connection for lease renewals: a pool busy with lanes' work must not keep them
+    /// waiting until the claims stop being sent.
+    renewals: Pool,
     /// For the LISTEN connection, which lives outside the pool.
     pg: tokio_postgres::Config,
     /// The appends' settings, for the probe: the store is up again when a commit made as an
@@ -154,11 +169,16 @@ struct Core {
 /// A claim as this instance knows it, on its own monotonic clock.
 #[derive(Clone, Copy)]
 struct Claim {
-    /// When the statement that took it was sent: a renewal sent before this says nothing of it.
+    /// When the statement that took it was sent: identifies this claim among later ones of
+    /// the same delivery.
     taken: Instant,
     /// When the lease as last confirmed runs out, counted from before the statement that set
     /// it was sent (so never later than the database's own `leased_until`, clock skew apart).
     until: Instant,
+    /// Its length ([`lease_for`] the attempt's timeout), at every renewal.
+    lease: Duration,
+    /// Lease an attempt must have left to be sent: its timeout and [`CLOCK_SKEW`].
+    needs: Duration,
 }
 
 /// The thread and runtime the store's I/O runs on, started on first use and stopped when the
@@ -400,7 +420,6 @@ impl Postgres {
             .keepalives_retries(3)
             .tcp_user_timeout(OP_TIMEOUT)
             .application_name("actiongate");
-        migrate(&pg, wait)?;
         let given = pg.get_options().unwrap_or_default().to_string();
         // The server's side of the same: a session whose gateway died (host gone, network cut)
         // would otherwise keep its transaction, and the guard locks and key rows it holds,
@@ -418,6 +437,9 @@ impl Postgres {
         } else {
             format!("{given} {server_side} -c synchronous_commit=on")
         });
+        // On the appends' own settings: a server that refuses them (unknown to an old
+        // version) or a pooler that drops them is found at start, not at the first ack.
+        migrate(&durable, wait, !given.contains("synchronous_commit"))?;
         let appends = pool_of(&durable, COMMITTERS)?;
         let mut probe = durable;
         probe.application_name("actiongate probe");
@@ -426,10 +448,12 @@ impl Postgres {
         // which repeats those deliveries (at least once), never an acknowledged event.
         let mut relaxed = pg.clone();
         relaxed.options(format!("{given} {server_side} -c synchronous_commit=off"));
+        let renewals = pool_of(&relaxed, 1)?;
         let pool = pool_of(&relaxed, pool)?;
         let core = Arc::new(Core {
             pool,
             appends,
+            renewals,
             pg,
             probe,
             dedup_window_ms: millis(dedup_window),
@@ -526,7 +550,10 @@ impl Postgres {
                 Ok(reported)
             })
             .await;
-        self.core.held().remove(&id);
+        // A result not recorded keeps its claim, renewed, while the caller tries again.
+        if result.is_ok() {
+            self.core.held().remove(&id);
+        }
         if let Ok(true) = result {
             self.core.work.notify_waiters();
         }
@@ -594,16 +621,19 @@ impl Postgres {
     /// whose claim ran out, and this instance's own whose attempt ended without a recorded
     /// result (the database went away mid-attempt): `skip` holds every attempt still running
     /// here, so taking those again at once sends nothing twice.
+    /// `timeout` is how long an attempt may take: the lease covers it.
     pub async fn claim(
         &self,
         lane: &str,
         now: u64,
         limit: usize,
         skip: &IdSet,
+        timeout: Duration,
     ) -> Result<Vec<u64>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let lease = lease_for(timeout);
         let wall = now_ms();
         let taken = Instant::now();
         let rows = self
@@ -620,7 +650,7 @@ impl Postgres {
                     Box::new(lane.to_string()),
                     Box::new(i64_of(now)),
                     Box::new(ids_of(skip)),
-                    Box::new(i64_of(wall.saturating_add(millis(LEASE)))),
+                    Box::new(i64_of(wall.saturating_add(millis(lease)))),
                     Box::new(self.core.instance.clone()),
                     Box::new(i64_of(wall)),
                     Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
@@ -635,22 +665,25 @@ impl Postgres {
         ids.sort_unstable();
         let claim = Claim {
             taken,
-            until: taken + LEASE,
+            until: taken + lease,
+            lease,
+            needs: timeout + CLOCK_SKEW,
         };
         self.core.held().extend(ids.iter().map(|&id| (id, claim)));
         Ok(ids.into_iter().map(u64_of).collect())
     }
 
     /// Whether an attempt of `delivery` may still be sent: this instance holds its claim, and
-    /// the lease as last confirmed has [`SEND_MARGIN`] left. An instance cut off from the
-    /// database cannot renew; past this another instance may soon take the delivery, and
-    /// both would send it.
+    /// the lease as last confirmed outlasts the attempt's timeout with [`CLOCK_SKEW`] to
+    /// spare. An instance cut off from the database cannot renew; past this another
+    /// instance might take the delivery while this one's attempt still runs, and both would
+    /// send it.
     pub fn may_send(&self, delivery: u64) -> bool {
         let now = Instant::now();
         self.core
             .held()
             .get(&i64_of(delivery))
-            .is_some_and(|claim| claim.until > now + SEND_MARGIN)
+            .is_some_and(|claim| claim.until > now + claim.needs)
     }
 
     /// Gives up the claim of a delivery whose attempt ended without a recorded result (its
@@ -883,6 +916,7 @@ impl Core {
             // that the next calls connect afresh (to whichever server is primary by then).
             self.pool.retain(|_, _| false);
             self.appends.retain(|_, _| false);
+            self.renewals.retain(|_, _| false);
         }
         *down = Some(why);
         self.is_down.store(true, Ordering::Release);
@@ -936,7 +970,16 @@ impl Core {
         &self,
         body: impl for<'c> FnOnce(&'c Object) -> TxFuture<'c, T>,
     ) -> Result<T, StoreError> {
-        let client = self.client(&self.pool).await?;
+        self.on_client_of(&self.pool, body).await
+    }
+
+    /// [`Core::on_client`] on a connection of `pool`.
+    async fn on_client_of<T>(
+        &self,
+        pool: &Pool,
+        body: impl for<'c> FnOnce(&'c Object) -> TxFuture<'c, T>,
+    ) -> Result<T, StoreError> {
+        let client = self.client(pool).await?;
         match tokio::time::timeout(OP_TIMEOUT, body(&client)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
@@ -998,15 +1041,17 @@ async fn settle(
     finish: &Finish,
     report: Option<&NewEvent>,
 ) -> Result<bool, tokio_postgres::Error> {
-    // Each statement matches only a claim of this instance: if the claim ran out and another
-    // instance took the delivery, that instance's result is the one that counts.
+    // Each statement matches only a claim of this instance, or none: if the claim ran out and
+    // another instance took the delivery, that instance's result is the one that counts. A
+    // delivery claimed by no one is this attempt's still: claims commit without waiting for
+    // the disk, and a database that crashed and came back may have lost this one's.
     let changed = match finish {
         Finish::Delivered { .. } | Finish::Skipped => {
             let gone = tx
                 .query_opt(
                     &tx.prepare_cached(
                         "DELETE FROM actiongate_deliveries
-                     WHERE id = $1 AND dead_ms IS NULL AND leased_by = $2
+                     WHERE id = $1 AND dead_ms IS NULL AND (leased_by = $2 OR leased_by IS NULL)
                      RETURNING event",
                     )
                     .await?,
@@ -1044,7 +1089,7 @@ async fn settle(
                      first_attempt_ms = coalesce(first_attempt_ms, $2), last_attempt_ms = $2,
                      due_ms = $3, last_error = $4, last_status = $5,
                      leased_until = 0, leased_by = NULL
-                 WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
+                 WHERE id = $1 AND dead_ms IS NULL AND (leased_by = $6 OR leased_by IS NULL)",
                 )
                 .await?,
                 &[
@@ -1073,7 +1118,7 @@ async fn settle(
                      last_attempt_ms = CASE WHEN $5 THEN $2 ELSE last_attempt_ms END,
                      dead_ms = $2, last_error = $3, last_status = coalesce($4, last_status),
                      leased_until = 0, leased_by = NULL
-                 WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
+                 WHERE id = $1 AND dead_ms IS NULL AND (leased_by = $6 OR leased_by IS NULL)",
                 )
                 .await?,
                 &[
@@ -1378,7 +1423,9 @@ fn pool_of(pg: &tokio_postgres::Config, size: usize) -> Result<Pool, StoreError>
 
 /// Creates the schema, or checks that it is this build's, under an advisory lock so that
 /// instances starting together do not race.
-fn migrate(pg: &tokio_postgres::Config, wait: Duration) -> Result<(), StoreError> {
+/// Creates or checks the schema. With `durable`, also that the connection's commits wait for
+/// the disk and any synchronous standby, as the acks rely on.
+fn migrate(pg: &tokio_postgres::Config, wait: Duration, durable: bool) -> Result<(), StoreError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1405,6 +1452,21 @@ fn migrate(pg: &tokio_postgres::Config, wait: Duration) -> Result<(), StoreError
         };
         let connection = tokio::spawn(connection);
         let storage = |e: tokio_postgres::Error| StoreError::Storage(describe(&e));
+        if durable {
+            let level: String = client
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(storage)?;
+            if level == "off" || level == "local" {
+                return Err(StoreError::Storage(format!(
+                    "acks would commit with synchronous_commit={level}: the connection's \
+                     options (-c synchronous_commit=on) did not take effect; is a connection \
+                     pooler dropping them? Connect to PostgreSQL directly, or name \
+                     synchronous_commit in the URL's options to choose knowingly"
+                )));
+            }
+        }
         let tx = client.transaction().await.map_err(storage)?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended('actiongate schema', 0))",
@@ -1525,6 +1587,7 @@ async fn probe(core: Arc<Core>) {
             continue;
         }
         let mut pause = PROBE_FIRST;
+        let mut said: Option<String> = None;
         while core.is_down.load(Ordering::Acquire) {
             match durable_commit(&core.probe).await {
                 Ok(()) => {
@@ -1532,7 +1595,15 @@ async fn probe(core: Arc<Core>) {
                     core.work.notify_waiters();
                     break;
                 }
-                Err(why) => log::debug!("store: probe: {why}"),
+                // Why it is still down, once per reason, and in /readyz: a probe that can never
+                // succeed (no privilege to write, a standby gone for good) must say so.
+                Err(why) => {
+                    if said.as_ref() != Some(&why) {
+                        log::warn!("store: still unavailable: {why}");
+                        said = Some(why.clone());
+                    }
+                    core.mark_down(why);
+                }
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(PROBE_MAX);
@@ -1563,14 +1634,18 @@ async fn durable_commit(pg: &tokio_postgres::Config) -> Result<(), String> {
         }
         // A row version written and committed: the commit waits for the disk and for a
         // synchronous standby as an ack's does.
-        client
+        // No row, no write, and a commit that proves nothing: say so rather than pass.
+        match client
             .execute(
                 "UPDATE actiongate_schema SET version = version WHERE id = 1",
                 &[],
             )
             .await
-            .map(drop)
-            .map_err(|e| describe(&e))
+        {
+            Ok(1) => Ok(()),
+            Ok(_) => Err("actiongate_schema has no row: was the schema dropped?".to_string()),
+            Err(e) => Err(format!("cannot write actiongate_schema: {}", describe(&e))),
+        }
     };
     let checked = tokio::time::timeout(OP_TIMEOUT, check).await;
     if checked.is_err() {
@@ -1604,31 +1679,39 @@ async fn renew_leases(core: Arc<Core>) {
         tokio::time::sleep(RENEW_EVERY).await;
         // Each claim as it is now: one taken again meanwhile is a claim this renewal does not
         // speak for. Every one of these had committed before the renewal is sent.
-        let claims: Vec<(i64, Instant)> =
-            core.held().iter().map(|(&id, c)| (id, c.taken)).collect();
+        let claims: Vec<(i64, Instant, Duration)> = core
+            .held()
+            .iter()
+            .map(|(&id, c)| (id, c.taken, c.lease))
+            .collect();
         if claims.is_empty() {
             continue;
         }
         let instance = core.instance.clone();
         let sent = Instant::now();
-        let asked: Vec<i64> = claims.iter().map(|&(id, _)| id).collect();
+        let wall = now_ms();
+        let asked: Vec<i64> = claims.iter().map(|&(id, _, _)| id).collect();
+        let until: Vec<i64> = claims
+            .iter()
+            .map(|&(_, _, lease)| i64_of(wall.saturating_add(millis(lease))))
+            .collect();
         let renewed = core
-            .on_client(move |client| {
+            .on_client_of(&core.renewals, move |client| {
                 Box::pin(async move {
-                    let until = i64_of(now_ms().saturating_add(millis(LEASE)));
                     // Not a claim already given back (`leased_until = 0`): a result recorded
                     // meanwhile stays recorded.
                     let rows = client
                         .query(
                             &client
                                 .prepare_cached(
-                                    "UPDATE actiongate_deliveries SET leased_until = $1
-                             WHERE id = ANY($2) AND leased_by = $3 AND dead_ms IS NULL
-                               AND leased_until > 0
-                             RETURNING id",
+                                    "UPDATE actiongate_deliveries d SET leased_until = u.until
+                             FROM unnest($1::bigint[], $2::bigint[]) AS u(id, until)
+                             WHERE d.id = u.id AND d.leased_by = $3 AND d.dead_ms IS NULL
+                               AND d.leased_until > 0
+                             RETURNING d.id",
                                 )
                                 .await?,
-                            &[&until, &asked, &instance],
+                            &[&asked, &until, &instance],
                         )
                         .await?;
                     rows.iter()
@@ -1640,13 +1723,13 @@ async fn renew_leases(core: Arc<Core>) {
         match renewed {
             Ok(renewed) => {
                 let mut held = core.held();
-                for (id, taken) in claims {
+                for (id, taken, lease) in claims {
                     // A claim finished or taken again meanwhile is not the one renewed.
                     let Some(claim) = held.get_mut(&id).filter(|c| c.taken == taken) else {
                         continue;
                     };
                     if renewed.contains(&id) {
-                        claim.until = sent + LEASE;
+                        claim.until = sent + lease;
                     } else {
                         // Finished, given back, or taken by another instance whose clock saw
                         // the lease run out: this instance must not send it.
