@@ -25,7 +25,7 @@ use super::{client, request, DeliveryOutcome};
 use crate::config::{Config, FlashdutyApi, ReportOutcome, Upstream, REPORT_UPSTREAM};
 use crate::lifecycle::{wait_until, Lifecycle};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, IdSet, NewEvent, Store};
+use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, IdSet, NewEvent, Store, StoreError};
 
 /// Longest a lane sleeps without looking at the spool, as a safety net for missed wake-ups.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -659,7 +659,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
     };
     // Last thing before sending: the load, a template or the Flashduty pace may have taken
     // long enough for the claim to be lost.
-    if !store.may_send(id) {
+    if !store.may_send(id, upstream.timeout) {
         log::warn!(
             "lane {}: delivery {id} not sent: this instance's claim on it was lost or could not be \
              renewed in time (the database unreachable?); it is taken again, here or elsewhere",
@@ -803,6 +803,15 @@ fn report_of(
     event
 }
 
+/// Whether a store error passes by itself (see [`StoreError`]); the others last until a
+/// restart.
+fn passes(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Busy | StoreError::Full(_) | StoreError::Unavailable(_)
+    )
+}
+
 async fn record_finish(
     lane: &Lane,
     store: &Store,
@@ -812,10 +821,11 @@ async fn record_finish(
     lag_ms: Option<u64>,
     report: Option<NewEvent>,
 ) {
-    // The attempt was made: giving up on its result means making it again. So the result is
-    // recorded again and again, with backoff, for as long as the store may come back within
-    // (a failover, a restart of the database). In cluster mode the claim stays held, and is
-    // renewed, meanwhile.
+    // The attempt was made: giving up on its result means making it again. So a result the
+    // store could not take for a passing reason (the database down or failing over, a full
+    // disk) is offered again, with backoff, for up to RECORD_FOR; in cluster mode only while
+    // this instance's claim holds (it stays held, and renewed, meanwhile): past it another
+    // instance may attempt the delivery, and this result would match nothing.
     let started = Instant::now();
     let mut pause = ERROR_PAUSE;
     loop {
@@ -830,7 +840,9 @@ async fn record_finish(
                 }
                 return;
             }
-            Err(e) if started.elapsed() + pause < RECORD_FOR => {
+            Err(e)
+                if passes(&e) && started.elapsed() + pause < RECORD_FOR && store.may_record(id) =>
+            {
                 log::warn!(
                     "lane {}: cannot record delivery {id} yet ({e}); trying again in {pause:?}",
                     lane.key

@@ -231,12 +231,22 @@ impl Store {
         }
     }
 
-    /// Whether an attempt of `delivery` may be sent now. Always, on the spool; in cluster mode
-    /// only while this instance's claim holds with time to spare (see [`Postgres::may_send`]).
-    pub fn may_send(&self, delivery: u64) -> bool {
+    /// Whether an attempt of `delivery` taking up to `timeout` may be sent now. Always, on the
+    /// spool; in cluster mode only while this instance's claim outlasts it with time to spare
+    /// (see [`Postgres::may_send`]).
+    pub fn may_send(&self, delivery: u64, timeout: Duration) -> bool {
         match self {
             Store::Local(_) => true,
-            Store::Postgres(pg) => pg.may_send(delivery),
+            Store::Postgres(pg) => pg.may_send(delivery, timeout),
+        }
+    }
+
+    /// Whether the result of an attempt of `delivery` is still worth offering again: in cluster
+    /// mode, while this instance's claim holds (see [`Postgres::may_record`]).
+    pub fn may_record(&self, delivery: u64) -> bool {
+        match self {
+            Store::Local(_) => true,
+            Store::Postgres(pg) => pg.may_record(delivery),
         }
     }
 

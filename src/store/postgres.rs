@@ -177,8 +177,6 @@ struct Claim {
     until: Instant,
     /// Its length ([`lease_for`] the attempt's timeout), at every renewal.
     lease: Duration,
-    /// Lease an attempt must have left to be sent: its timeout and [`CLOCK_SKEW`].
-    needs: Duration,
 }
 
 /// The thread and runtime the store's I/O runs on, started on first use and stopped when the
@@ -634,8 +632,9 @@ impl Postgres {
             return Ok(Vec::new());
         }
         let lease = lease_for(timeout);
-        let wall = now_ms();
+        // In this order: the lease as this instance counts it never ends after the database's.
         let taken = Instant::now();
+        let wall = now_ms();
         let rows = self
             .rows(
                 "UPDATE actiongate_deliveries SET leased_until = $4, leased_by = $5
@@ -667,7 +666,6 @@ impl Postgres {
             taken,
             until: taken + lease,
             lease,
-            needs: timeout + CLOCK_SKEW,
         };
         self.core.held().extend(ids.iter().map(|&id| (id, claim)));
         Ok(ids.into_iter().map(u64_of).collect())
@@ -678,12 +676,25 @@ impl Postgres {
     /// spare. An instance cut off from the database cannot renew; past this another
     /// instance might take the delivery while this one's attempt still runs, and both would
     /// send it.
-    pub fn may_send(&self, delivery: u64) -> bool {
+    pub fn may_send(&self, delivery: u64, timeout: Duration) -> bool {
+        self.holds(delivery, timeout + CLOCK_SKEW)
+    }
+
+    /// Whether this instance still holds its claim on `delivery`, with `spare` of the lease
+    /// as last renewed left.
+    pub fn holds(&self, delivery: u64, spare: Duration) -> bool {
         let now = Instant::now();
         self.core
             .held()
             .get(&i64_of(delivery))
-            .is_some_and(|claim| claim.until > now + claim.needs)
+            .is_some_and(|claim| claim.until > now + spare)
+    }
+
+    /// Whether a result of an attempt of `delivery` may still be recorded as this instance's
+    /// alone: its claim holds, with [`CLOCK_SKEW`] to spare. Past that, another instance may
+    /// take the delivery and attempt it again, whatever this one records.
+    pub fn may_record(&self, delivery: u64) -> bool {
+        self.holds(delivery, CLOCK_SKEW)
     }
 
     /// Gives up the claim of a delivery whose attempt ended without a recorded result (its
@@ -1041,17 +1052,18 @@ async fn settle(
     finish: &Finish,
     report: Option<&NewEvent>,
 ) -> Result<bool, tokio_postgres::Error> {
-    // Each statement matches only a claim of this instance, or none: if the claim ran out and
-    // another instance took the delivery, that instance's result is the one that counts. A
-    // delivery claimed by no one is this attempt's still: claims commit without waiting for
-    // the disk, and a database that crashed and came back may have lost this one's.
+    // Each statement matches only a claim of this instance: if the claim ran out and another
+    // instance took the delivery, that instance's result is the one that counts. (A claim
+    // lost with a crashed server's last unflushed commits matches nothing either, and the
+    // delivery is made again: at least once. Telling such a row from one another instance
+    // has since recorded a result for needs a fencing token in the schema.)
     let changed = match finish {
         Finish::Delivered { .. } | Finish::Skipped => {
             let gone = tx
                 .query_opt(
                     &tx.prepare_cached(
                         "DELETE FROM actiongate_deliveries
-                     WHERE id = $1 AND dead_ms IS NULL AND (leased_by = $2 OR leased_by IS NULL)
+                     WHERE id = $1 AND dead_ms IS NULL AND leased_by = $2
                      RETURNING event",
                     )
                     .await?,
@@ -1089,7 +1101,7 @@ async fn settle(
                      first_attempt_ms = coalesce(first_attempt_ms, $2), last_attempt_ms = $2,
                      due_ms = $3, last_error = $4, last_status = $5,
                      leased_until = 0, leased_by = NULL
-                 WHERE id = $1 AND dead_ms IS NULL AND (leased_by = $6 OR leased_by IS NULL)",
+                 WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
                 )
                 .await?,
                 &[
@@ -1118,7 +1130,7 @@ async fn settle(
                      last_attempt_ms = CASE WHEN $5 THEN $2 ELSE last_attempt_ms END,
                      dead_ms = $2, last_error = $3, last_status = coalesce($4, last_status),
                      leased_until = 0, leased_by = NULL
-                 WHERE id = $1 AND dead_ms IS NULL AND (leased_by = $6 OR leased_by IS NULL)",
+                 WHERE id = $1 AND dead_ms IS NULL AND leased_by = $6",
                 )
                 .await?,
                 &[
@@ -1458,6 +1470,18 @@ fn migrate(pg: &tokio_postgres::Config, wait: Duration, durable: bool) -> Result
                 .await
                 .and_then(|row| row.try_get(0))
                 .map_err(storage)?;
+            let idle: String = client
+                .query_one("SHOW idle_in_transaction_session_timeout", &[])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(storage)?;
+            if idle != "10s" {
+                return Err(StoreError::Storage(format!(
+                    "the connection's options (-c idle_in_transaction_session_timeout=10s …) did \
+                     not take effect (it is {idle}); is a connection pooler dropping them? \
+                     Connect to PostgreSQL directly"
+                )));
+            }
             if level == "off" || level == "local" {
                 return Err(StoreError::Storage(format!(
                     "acks would commit with synchronous_commit={level}: the connection's \
