@@ -25,7 +25,7 @@ use super::{client, request, DeliveryOutcome};
 use crate::config::{Config, FlashdutyApi, ReportOutcome, Upstream, REPORT_UPSTREAM};
 use crate::lifecycle::{wait_until, Lifecycle};
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, IdSet, NewEvent, Store, StoreError};
+use crate::store::{lane_key, now_ms, DeliveryRecord, Finish, IdSet, NewEvent, Store};
 
 /// Longest a lane sleeps without looking at the spool, as a safety net for missed wake-ups.
 const IDLE_POLL: Duration = Duration::from_secs(5);
@@ -803,15 +803,6 @@ fn report_of(
     event
 }
 
-/// Whether a store error passes by itself (see [`StoreError`]); the others last until a
-/// restart.
-fn passes(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Busy | StoreError::Full(_) | StoreError::Unavailable(_)
-    )
-}
-
 async fn record_finish(
     lane: &Lane,
     store: &Store,
@@ -841,7 +832,7 @@ async fn record_finish(
                 return;
             }
             Err(e)
-                if passes(&e) && started.elapsed() + pause < RECORD_FOR && store.may_record(id) =>
+                if e.passes() && started.elapsed() + pause < RECORD_FOR && store.may_record(id) =>
             {
                 log::warn!(
                     "lane {}: cannot record delivery {id} yet ({e}); trying again in {pause:?}",

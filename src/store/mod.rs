@@ -72,6 +72,16 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+impl StoreError {
+    /// Whether the error passes by itself (see each kind); the others last until a restart.
+    pub fn passes(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Busy | StoreError::Full(_) | StoreError::Unavailable(_)
+        )
+    }
+}
+
 /// An event to store: who it is for and its raw bytes.
 #[derive(Debug, Clone)]
 pub struct NewEvent {

@@ -429,15 +429,16 @@ impl Postgres {
         // commits are durable whatever the role or database says (`synchronous_commit=off` set
         // there would make every ack a promise the server may not keep), unless the URL's own
         // options choose a level.
+        let chooses_level = given.contains("synchronous_commit");
         let mut durable = pg.clone();
-        durable.options(if given.contains("synchronous_commit") {
+        durable.options(if chooses_level {
             format!("{given} {server_side}")
         } else {
             format!("{given} {server_side} -c synchronous_commit=on")
         });
         // On the appends' own settings: a server that refuses them (unknown to an old
         // version) or a pooler that drops them is found at start, not at the first ack.
-        migrate(&durable, wait, !given.contains("synchronous_commit"))?;
+        migrate(&durable, wait, !chooses_level)?;
         let appends = pool_of(&durable, COMMITTERS)?;
         let mut probe = durable;
         probe.application_name("actiongate probe");
@@ -682,7 +683,7 @@ impl Postgres {
 
     /// Whether this instance still holds its claim on `delivery`, with `spare` of the lease
     /// as last renewed left.
-    pub fn holds(&self, delivery: u64, spare: Duration) -> bool {
+    fn holds(&self, delivery: u64, spare: Duration) -> bool {
         let now = Instant::now();
         self.core
             .held()
@@ -1434,9 +1435,9 @@ fn pool_of(pg: &tokio_postgres::Config, size: usize) -> Result<Pool, StoreError>
 }
 
 /// Creates the schema, or checks that it is this build's, under an advisory lock so that
-/// instances starting together do not race.
-/// Creates or checks the schema. With `durable`, also that the connection's commits wait for
-/// the disk and any synchronous standby, as the acks rely on.
+/// instances starting together do not race. With `durable`, also checks that the connection's
+/// options took effect: its commits wait for the disk and any synchronous standby, as the acks
+/// rely on, and an idle transaction times out.
 fn migrate(pg: &tokio_postgres::Config, wait: Duration, durable: bool) -> Result<(), StoreError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1465,16 +1466,16 @@ fn migrate(pg: &tokio_postgres::Config, wait: Duration, durable: bool) -> Result
         let connection = tokio::spawn(connection);
         let storage = |e: tokio_postgres::Error| StoreError::Storage(describe(&e));
         if durable {
-            let level: String = client
-                .query_one("SHOW synchronous_commit", &[])
+            let row = client
+                .query_one(
+                    "SELECT current_setting('synchronous_commit'), \
+                            current_setting('idle_in_transaction_session_timeout')",
+                    &[],
+                )
                 .await
-                .and_then(|row| row.try_get(0))
                 .map_err(storage)?;
-            let idle: String = client
-                .query_one("SHOW idle_in_transaction_session_timeout", &[])
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(storage)?;
+            let level: String = row.try_get(0).map_err(storage)?;
+            let idle: String = row.try_get(1).map_err(storage)?;
             if idle != "10s" {
                 return Err(StoreError::Storage(format!(
                     "the connection's options (-c idle_in_transaction_session_timeout=10s …) did \
@@ -1657,8 +1658,8 @@ async fn durable_commit(pg: &tokio_postgres::Config) -> Result<(), String> {
             Err(e) => return Err(e.to_string()),
         }
         // A row version written and committed: the commit waits for the disk and for a
-        // synchronous standby as an ack's does.
-        // No row, no write, and a commit that proves nothing: say so rather than pass.
+        // synchronous standby as an ack's does. No row would mean no write, and a commit that
+        // proves nothing: say so rather than pass.
         match client
             .execute(
                 "UPDATE actiongate_schema SET version = version WHERE id = 1",
