@@ -222,7 +222,7 @@ fn dead_letter_json(r: &DeliveryRecord) -> Value {
         "upstream": r.upstream(),
         "event_id": r.event_id,
         "attempts": r.attempts,
-        "last_error": r.last_error,
+        "last_error": r.last_error.as_deref(),
         "last_status": r.last_status,
         "accepted_at": time(Some(r.accepted_ms)),
         "first_attempt_at": time(r.first_attempt_ms),

@@ -20,6 +20,7 @@
 //! capped the gateway near 5,000 events/s on this machine; the log costs a few microseconds.
 //! See BENCHMARKS.md.
 
+mod deliveries;
 mod segment;
 mod state;
 mod writer;
@@ -484,14 +485,14 @@ impl Spool {
             dir.display(),
             crate::logging::millis(started.elapsed()),
             state.events.len(),
-            state.deliveries.len(),
-            state.dead.len()
+            state.deliveries.pending_len(),
+            state.deliveries.dead_len()
         );
         metrics.spool_segments(files.len());
-        for record in state.deliveries.values() {
+        for record in state.deliveries.pending_records() {
             metrics.pending_deliveries(record.upstream()).inc();
         }
-        for record in state.dead.values() {
+        for record in state.deliveries.dead_records() {
             metrics.dead_letters(record.upstream()).inc();
         }
         let inner = Arc::new(Inner {
@@ -692,7 +693,7 @@ impl Spool {
     pub fn load(&self, delivery: u64) -> Result<Option<(DeliveryRecord, Bytes)>, StoreError> {
         let (record, event) = {
             let state = self.state()?;
-            let Some(record) = state.deliveries.get(&delivery) else {
+            let Some(record) = state.deliveries.pending(delivery) else {
                 return Ok(None);
             };
             let event = state.events.get(&record.event).copied().ok_or_else(|| {
@@ -731,7 +732,12 @@ impl Spool {
     /// Up to `limit` dead letters, oldest first.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeliveryRecord>, StoreError> {
         let state = self.state()?;
-        Ok(state.dead.values().take(limit).cloned().collect())
+        Ok(state
+            .deliveries
+            .dead_records()
+            .take(limit)
+            .cloned()
+            .collect())
     }
 
     /// How many events, pending deliveries, dedup keys and dead letters are stored.
@@ -739,9 +745,9 @@ impl Spool {
         let state = self.state()?;
         Ok(StoreCounts {
             events: state.events.len() as u64,
-            pending: state.deliveries.len() as u64,
+            pending: state.deliveries.pending_len() as u64,
             dedup_keys: state.dedup_len() as u64,
-            dead: state.dead.len() as u64,
+            dead: state.deliveries.dead_len() as u64,
         })
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::deliveries::Deliveries;
 use super::segment::{AttemptKind, Record, Snapshot, StateKind};
 use crate::store::guard::parse_rate_key;
 use crate::store::{dedup_key, lane_key, DeliveryRecord, IdMap};
@@ -61,8 +62,9 @@ pub struct State {
     /// Every lane key once, shared by the deliveries of the lane.
     lanes: Lanes,
     pub events: IdMap<EventEntry>,
-    pub deliveries: IdMap<DeliveryRecord>,
-    pub dead: BTreeMap<u64, DeliveryRecord>,
+    /// Pending deliveries and dead letters.
+    pub deliveries: Deliveries,
+    errors: RecentErrors,
     /// Lane → (due ms, delivery id).
     pub due: HashMap<String, BTreeSet<(u64, u64)>>,
     dedup: HashMap<Arc<str>, DedupEntry>,
@@ -101,6 +103,28 @@ pub fn delivery_seq(id: u64) -> u64 {
 /// thousand years at a million a second). The decoder refuses records past it as damage, so
 /// replay's arithmetic on sequence numbers never overflows.
 pub const MAX_SEQ: u64 = 1 << 56;
+
+/// The last few distinct delivery errors, so that the records failing the same way share one
+/// string. Bounded: an upstream that answers a different text each time costs a lookup in a
+/// handful of short strings, and each record its own string, as before.
+#[derive(Debug, Default)]
+struct RecentErrors(VecDeque<Arc<str>>);
+
+impl RecentErrors {
+    const KEPT: usize = 8;
+
+    fn intern(&mut self, error: String) -> Arc<str> {
+        if let Some(known) = self.0.iter().find(|known| ***known == *error) {
+            return known.clone();
+        }
+        let error: Arc<str> = Arc::from(error);
+        if self.0.len() == Self::KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back(error.clone());
+        error
+    }
+}
 
 /// Lane keys, interned: a handful of lanes, hundreds of thousands of deliveries.
 #[derive(Debug, Default)]
@@ -190,7 +214,7 @@ impl State {
                     };
                     self.queue(&record);
                     *deltas.pending.entry(record.lane.clone()).or_insert(0) += 1;
-                    self.deliveries.insert(record.id, record);
+                    self.deliveries.insert_pending(record);
                 }
                 deltas.new_work = true;
             }
@@ -202,7 +226,7 @@ impl State {
                 status,
                 error,
             } => {
-                let Some(mut record) = self.deliveries.remove(&id) else {
+                let Some(mut record) = self.deliveries.take_pending(id) else {
                     return;
                 };
                 self.note_ref(segment, id);
@@ -219,23 +243,23 @@ impl State {
                     }
                     AttemptKind::Retry => {
                         record.due_ms = due_ms;
-                        record.last_error = Some(error);
+                        record.last_error = Some(self.errors.intern(error));
                         record.last_status = status;
                         self.queue(&record);
-                        self.deliveries.insert(id, record);
+                        self.deliveries.insert_pending(record);
                     }
                     AttemptKind::Dead | AttemptKind::DeadUnattempted => {
                         record.dead_ms = Some(at_ms);
-                        record.last_error = Some(error);
+                        record.last_error = Some(self.errors.intern(error));
                         record.last_status = status.or(record.last_status);
                         *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
                         *deltas.dead.entry(record.lane.clone()).or_insert(0) += 1;
-                        self.dead.insert(id, record);
+                        self.deliveries.insert_dead(record);
                     }
                 }
             }
             Record::Replay { id, at_ms } => {
-                let Some(mut record) = self.dead.remove(&id) else {
+                let Some(mut record) = self.deliveries.take_dead(id) else {
                     return;
                 };
                 self.note_ref(segment, id);
@@ -245,11 +269,11 @@ impl State {
                 *deltas.dead.entry(record.lane.clone()).or_insert(0) -= 1;
                 *deltas.pending.entry(record.lane.clone()).or_insert(0) += 1;
                 self.queue(&record);
-                self.deliveries.insert(id, record);
+                self.deliveries.insert_pending(record);
                 deltas.new_work = true;
             }
             Record::Purge { id } => {
-                if let Some(record) = self.dead.remove(&id) {
+                if let Some(record) = self.deliveries.take_dead(id) {
                     self.note_ref(segment, id);
                     *deltas.dead.entry(record.lane).or_insert(0) -= 1;
                     self.release_event(record.event);
@@ -283,11 +307,11 @@ impl State {
         };
         for index in 0..usize::from(event.upstreams) {
             let id = delivery_id(seq, index);
-            if let Some(record) = self.deliveries.remove(&id) {
+            if let Some(record) = self.deliveries.take_pending(id) {
                 self.unqueue(&record);
                 *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
                 self.release_event(seq);
-            } else if let Some(record) = self.dead.remove(&id) {
+            } else if let Some(record) = self.deliveries.take_dead(id) {
                 *deltas.dead.entry(record.lane.clone()).or_insert(0) -= 1;
                 self.release_event(seq);
             }
@@ -299,11 +323,11 @@ impl State {
     fn restore(&mut self, segment: u64, s: Snapshot, deltas: &mut Deltas) {
         // Noted even when the snapshot changes nothing here: its segment now holds the fact.
         self.note_ref(segment, s.id);
-        let mut record = if let Some(record) = self.deliveries.remove(&s.id) {
+        let mut record = if let Some(record) = self.deliveries.take_pending(s.id) {
             self.unqueue(&record);
             *deltas.pending.entry(record.lane.clone()).or_insert(0) -= 1;
             record
-        } else if let Some(record) = self.dead.remove(&s.id) {
+        } else if let Some(record) = self.deliveries.take_dead(s.id) {
             *deltas.dead.entry(record.lane.clone()).or_insert(0) -= 1;
             record
         } else {
@@ -314,18 +338,18 @@ impl State {
         record.first_attempt_ms = s.first_attempt_ms;
         record.last_attempt_ms = s.last_attempt_ms;
         record.last_status = s.last_status;
-        record.last_error = s.last_error;
+        record.last_error = s.last_error.map(|e| self.errors.intern(e));
         record.dead_ms = s.dead_ms;
         match s.kind {
             StateKind::Pending => {
                 *deltas.pending.entry(record.lane.clone()).or_insert(0) += 1;
                 self.queue(&record);
-                self.deliveries.insert(s.id, record);
+                self.deliveries.insert_pending(record);
                 deltas.new_work = true;
             }
             StateKind::Dead => {
                 *deltas.dead.entry(record.lane.clone()).or_insert(0) += 1;
-                self.dead.insert(s.id, record);
+                self.deliveries.insert_dead(record);
             }
             StateKind::Done => self.release_event(record.event),
         }
@@ -416,7 +440,7 @@ impl State {
 
     /// A delivery's whole state as it stands.
     fn snapshot(&self, id: u64) -> Snapshot {
-        let (kind, record) = match (self.deliveries.get(&id), self.dead.get(&id)) {
+        let (kind, record) = match (self.deliveries.pending(id), self.deliveries.dead(id)) {
             (Some(r), _) => (StateKind::Pending, Some(r)),
             (None, Some(r)) => (StateKind::Dead, Some(r)),
             (None, None) => (StateKind::Done, None),
@@ -430,7 +454,7 @@ impl State {
             last_attempt_ms: record.and_then(|r| r.last_attempt_ms),
             last_status: record.and_then(|r| r.last_status),
             dead_ms: record.and_then(|r| r.dead_ms),
-            last_error: record.and_then(|r| r.last_error.clone()),
+            last_error: record.and_then(|r| r.last_error.as_deref().map(str::to_string)),
         }
     }
 
@@ -538,5 +562,31 @@ impl State {
         self.dedup_order
             .front()
             .is_some_and(|(expires, _)| *expires <= now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_failing_the_same_way_share_one_error_text_and_the_cache_stays_small() {
+        let mut errors = RecentErrors::default();
+        let first = errors.intern("connection refused".to_string());
+        let again = errors.intern("connection refused".to_string());
+        assert!(Arc::ptr_eq(&first, &again));
+        for n in 0..20 {
+            assert_eq!(
+                &*errors.intern(format!("HTTP 5{n:02}")),
+                format!("HTTP 5{n:02}")
+            );
+        }
+        assert_eq!(errors.0.len(), RecentErrors::KEPT);
+        let evicted = errors.intern("connection refused".to_string());
+        assert!(
+            !Arc::ptr_eq(&first, &evicted),
+            "forgotten once 8 others came"
+        );
+        assert_eq!(&*evicted, "connection refused");
     }
 }

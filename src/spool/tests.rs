@@ -1058,8 +1058,8 @@ async fn a_full_disk_refuses_events_keeps_results_waiting_and_recovers_by_itself
     assert_eq!(found, accepted);
     let (record, _) = spool.load(id).unwrap().unwrap();
     assert_eq!(
-        (record.attempts, record.last_error),
-        (1, Some(error)),
+        (record.attempts, record.last_error.as_deref()),
+        (1, Some(error.as_str())),
         "the held result"
     );
     for name in &refused {

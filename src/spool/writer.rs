@@ -421,7 +421,7 @@ impl Writer {
             Op::Finish(settle, reply) => {
                 // Already finished (e.g. replayed and delivered twice): nothing to record, and
                 // nothing to report.
-                if state.deliveries.contains_key(&settle.id) && view.finished.insert(settle.id) {
+                if state.deliveries.is_pending(settle.id) && view.finished.insert(settle.id) {
                     // The report first: a write torn by a power cut keeps a prefix of the
                     // batch, and a report without its result only makes the delivery (and a
                     // second report) happen again, where a result without its report would
@@ -438,11 +438,11 @@ impl Writer {
             Op::Replay(id, reply) => {
                 let ids: Vec<u64> = match id {
                     Some(id) => vec![id],
-                    None => state.dead.keys().copied().collect(),
+                    None => state.deliveries.dead_ids().collect(),
                 };
                 let mut replayed = 0;
                 for id in ids {
-                    if state.dead.contains_key(&id) && view.dead_taken.insert(id) {
+                    if state.deliveries.is_dead(id) && view.dead_taken.insert(id) {
                         out.add(Record::Replay { id, at_ms: now });
                         replayed += 1;
                     }
@@ -450,7 +450,7 @@ impl Writer {
                 Done::Replay(reply, replayed)
             }
             Op::Purge(id, reply) => {
-                let found = state.dead.contains_key(&id) && view.dead_taken.insert(id);
+                let found = state.deliveries.is_dead(id) && view.dead_taken.insert(id);
                 if found {
                     out.add(Record::Purge { id });
                 }

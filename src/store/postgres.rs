@@ -337,7 +337,9 @@ fn record_of(row: &Row) -> Result<DeliveryRecord, tokio_postgres::Error> {
         last_attempt_ms: row
             .try_get::<_, Option<i64>>("last_attempt_ms")?
             .map(u64_of),
-        last_error: row.try_get("last_error")?,
+        last_error: row
+            .try_get::<_, Option<String>>("last_error")?
+            .map(Arc::from),
         last_status: row
             .try_get::<_, Option<i32>>("last_status")?
             .and_then(|s| u16::try_from(s).ok()),

@@ -21,7 +21,9 @@ pub struct DeliveryRecord {
     pub due_ms: u64,
     pub first_attempt_ms: Option<u64>,
     pub last_attempt_ms: Option<u64>,
-    pub last_error: Option<String>,
+    /// Shared by the records that failed the same way (an outage gives 100,000 dead letters
+    /// one text): one allocation, not one each (#16).
+    pub last_error: Option<Arc<str>>,
     pub last_status: Option<u16>,
     /// When it was dead-lettered, if it was.
     pub dead_ms: Option<u64>,
