@@ -53,6 +53,40 @@ fn schema_tables_are_sorted_and_fit_the_seen_mask() {
 }
 
 #[test]
+fn every_object_of_the_schema_is_indexed_and_its_index_finds_each_field_alone() {
+    fn check(kind: &Kind, checked: &mut usize) {
+        match kind {
+            Kind::Object(fields) => {
+                let index = FieldIndex::of(fields).expect("every table the validator meets");
+                assert!(fields.len() < usize::from(u8::MAX));
+                for (at, field) in fields.iter().enumerate() {
+                    assert_eq!(index.find(fields, field.name), Some(at), "{}", field.name);
+                    check(&field.kind, checked);
+                }
+                for unknown in [
+                    "",
+                    "x",
+                    "titl",
+                    "titles",
+                    "Title",
+                    "equals_md5",
+                    "event_idx",
+                ] {
+                    assert_eq!(index.find(fields, unknown), None, "{unknown}");
+                }
+                *checked += 1;
+            }
+            Kind::Array(item) | Kind::Map(item) => check(item, checked),
+            _ => {}
+        }
+    }
+    let mut checked = 0;
+    check(&ENVELOPE, &mut checked);
+    check(&Kind::Object(person_fields()), &mut checked);
+    assert!(checked >= 9, "{checked}");
+}
+
+#[test]
 fn every_valid_fixture_is_accepted() {
     assert_eq!(accept(FULL).event_id, "3f9c2b7a51e04d8c9a6b0e1f2d3c4b5a");
     assert_eq!(accept(MANUAL).event_id, "c0ffee00c0ffee00c0ffee00c0ffee01");
