@@ -6,7 +6,6 @@
 //! paths and skips everything else while parsing. Every path resolves in the projected value
 //! exactly as in the full one, so rules and templates need no change.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -27,7 +26,10 @@ pub struct Projection {
 struct Node {
     /// A path ends here: keep the value whole, whatever it is.
     whole: bool,
-    children: HashMap<String, Node>,
+    /// Few in practice (a `when` names a path or two, a template a dozen): a scan that compares
+    /// lengths first beats hashing every key of the payload with SipHash (#16: this parse
+    /// runs for every delivery with a `when` or a template).
+    children: Vec<(Box<str>, Node)>,
     /// One past the largest child key that is an array index, for arrays.
     indexes: usize,
 }
@@ -61,7 +63,7 @@ impl Projection {
                 if let Ok(index) = key.parse::<usize>() {
                     node.indexes = node.indexes.max(index.saturating_add(1));
                 }
-                node = node.children.entry(key.to_string()).or_default();
+                node = node.child_or_new(key);
             }
             node.whole = true;
         }
@@ -79,6 +81,26 @@ impl Projection {
 }
 
 /// Parses one value as `node` says.
+impl Node {
+    fn child(&self, key: &str) -> Option<&Node> {
+        self.children
+            .iter()
+            .find(|(name, _)| **name == *key)
+            .map(|(_, node)| node)
+    }
+
+    fn child_or_new(&mut self, key: &str) -> &mut Node {
+        let at = match self.children.iter().position(|(name, _)| **name == *key) {
+            Some(at) => at,
+            None => {
+                self.children.push((Box::from(key), Node::default()));
+                self.children.len() - 1
+            }
+        };
+        &mut self.children[at].1
+    }
+}
+
 struct Keep<'n>(&'n Node);
 
 impl<'de> DeserializeSeed<'de> for Keep<'_> {
@@ -123,7 +145,7 @@ impl<'de> Visitor<'de> for Keep<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut kept = Map::new();
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            match self.0.children.get(key.as_ref()) {
+            match self.0.child(&key) {
                 Some(child) => {
                     let value = map.next_value_seed(Keep(child))?;
                     kept.insert(key.into_owned(), value);
@@ -139,7 +161,7 @@ impl<'de> Visitor<'de> for Keep<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut kept = Vec::with_capacity(self.0.indexes.min(64));
         while kept.len() < self.0.indexes {
-            let child = self.0.children.get(&kept.len().to_string());
+            let child = self.0.child(&kept.len().to_string());
             let item = match child {
                 Some(child) => seq.next_element_seed(Keep(child))?,
                 None => seq.next_element::<IgnoredAny>()?.map(|_| Value::Null),
