@@ -154,7 +154,8 @@ enum Kind {
     Person,
     /// A documented enum: index into DRIFT_FIELDS, known values.
     Enum(usize, &'static [&'static str]),
-    /// Fields sorted by name (a test checks it), looked up by binary search.
+    /// Fields sorted by name (a test checks it): found through [`FieldIndex`], or by binary
+    /// search for a table the index was not built for.
     Object(&'static [Field]),
     Array(&'static Kind),
     Map(&'static Kind),
