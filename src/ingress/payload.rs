@@ -360,25 +360,16 @@ struct FieldIndex {
     mask: usize,
 }
 
-/// The index of every object of the schema, by the address of its field table.
+/// The index of every object reached from the envelope, by the address of its field table.
+/// The top-level `person` (`Kind::Person`) names the `PERSON` constant, which may sit at
+/// another address than the copy in the tree: it finds no index and takes the binary search,
+/// two probes in three fields.
 static FIELD_INDEXES: std::sync::LazyLock<Vec<(usize, FieldIndex)>> =
     std::sync::LazyLock::new(|| {
         let mut indexes = Vec::new();
         index_tables(&ENVELOPE, &mut indexes);
-        index_tables(&PERSON_OBJECT, &mut indexes);
         indexes
     });
-
-/// `person`'s fields, read from one static so that the validator and the index see one
-/// address (a `const` table may be copied at each place it is named).
-static PERSON_OBJECT: Kind = Kind::Object(PERSON);
-
-fn person_fields() -> &'static [Field] {
-    match &PERSON_OBJECT {
-        Kind::Object(fields) => fields,
-        _ => PERSON,
-    }
-}
 
 fn index_tables(kind: &Kind, indexes: &mut Vec<(usize, FieldIndex)>) {
     match kind {
@@ -672,7 +663,7 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let fields = match self.kind {
             Kind::Object(fields) => Some(*fields),
-            Kind::Person => Some(person_fields()),
+            Kind::Person => Some(PERSON),
             _ => None,
         };
         match (self.kind, fields) {

@@ -53,14 +53,19 @@ impl Deliveries {
         self.records.remove(&id)
     }
 
+    /// Puts back a delivery taken with `take_pending` or `take_dead`, or a new one: sequence
+    /// numbers only grow and accept records are never carried, so no dead letter has its id.
     pub fn insert_pending(&mut self, record: DeliveryRecord) {
-        self.dead.remove(&record.id);
+        let was_dead = self.dead.remove(&record.id);
+        debug_assert!(!was_dead, "dead letter {} made pending untaken", record.id);
         self.records.insert(record.id, record);
     }
 
+    /// Puts back a delivery taken with `take_pending` or `take_dead`.
     pub fn insert_dead(&mut self, record: DeliveryRecord) {
         self.dead.insert(record.id);
-        self.records.insert(record.id, record);
+        let was_pending = self.records.insert(record.id, record).is_some();
+        debug_assert!(!was_pending, "a delivery made dead untaken");
     }
 
     pub fn pending_len(&self) -> usize {
