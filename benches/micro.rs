@@ -14,6 +14,7 @@ use actiongate::config::{Config, DriftPolicy};
 use actiongate::delivery::projection::Projection;
 use actiongate::delivery::template::{Template, ValueMapping};
 use actiongate::ingress::allowlist::IpSet;
+use actiongate::ingress::event_type::EventTypes;
 use actiongate::ingress::{client_addr, payload};
 use actiongate::spool::{Commit, Spool};
 use actiongate::store::NewEvent;
@@ -28,8 +29,12 @@ const STATUS_PAGE: &str = r#"{"incident": {"name": "{{incident.title}}", "status
 fn validate(c: &mut Criterion) {
     let mut group = c.benchmark_group("payload");
     group.throughput(Throughput::Bytes(FULL.len() as u64));
+    let events = EventTypes::default();
     group.bench_function("validate_full_fixture", |b| {
-        b.iter(|| payload::validate(black_box(FULL), DriftPolicy::Accept).map(|v| v.event_id.len()))
+        b.iter(|| {
+            payload::validate(black_box(FULL), DriftPolicy::Accept, &events)
+                .map(|v| v.event_id().len())
+        })
     });
     // For comparison: what building a JSON tree alone costs (the validator does not).
     group.bench_function("serde_json_value_parse_full_fixture", |b| {

@@ -1,5 +1,6 @@
 //! Runs payload validation in a loop on the full fixture: a perf/callgrind target.
 use actiongate::config::DriftPolicy;
+use actiongate::ingress::event_type::EventTypes;
 use actiongate::ingress::payload;
 
 fn main() {
@@ -10,9 +11,10 @@ fn main() {
         .unwrap_or(200_000);
     let started = std::time::Instant::now();
     let mut total = 0;
+    let events = EventTypes::default();
     for _ in 0..n {
-        total += payload::validate(std::hint::black_box(body), DriftPolicy::Accept)
-            .map(|v| v.event_id.len())
+        total += payload::validate(std::hint::black_box(body), DriftPolicy::Accept, &events)
+            .map(|v| v.event_id().len())
             .unwrap_or(0);
     }
     println!(

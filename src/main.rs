@@ -14,7 +14,8 @@ use actiongate::config::units::format_duration;
 use actiongate::config::{Action, Config, DriftPolicy, ReportOutcome, Upstream};
 use actiongate::delivery::report::{self, Facts};
 use actiongate::delivery::request;
-use actiongate::ingress::{guard, payload};
+use actiongate::ingress::guard;
+use actiongate::ingress::payload::{self, Verdict};
 use actiongate::server::{Gateway, Mode};
 use actiongate::store::Guarded;
 
@@ -245,8 +246,16 @@ fn render(
             return ExitCode::from(1);
         }
     };
-    let event_id = match payload::validate(&raw, DriftPolicy::Accept) {
-        Ok(valid) => valid.event_id.into_owned(),
+    let event_id = match payload::validate(&raw, DriftPolicy::Accept, &action.events) {
+        Ok(Verdict::Valid(valid)) => valid.event_id.into_owned(),
+        Ok(Verdict::Unwanted { event_type, .. }) => {
+            println!(
+                "# events: {action_name} does not take {event_type} (events: {}); the gateway \
+                 would answer 200 ignored and deliver nothing",
+                action.events
+            );
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!(
                 "{}: the gateway would refuse this payload: {e}",

@@ -221,8 +221,9 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
         ("missing_incident", "incident: required field is missing"),
         ("not_an_object", "payload: expected an object, got an array"),
         (
-            "wrong_event_type",
-            "event_type: expected \"i_custom\" (a custom action), got \"i_new\"",
+            "event_type_not_flashduty",
+            "event_type: expected a Flashduty event type (i_… for an incident, a_… for an \
+             alert), got \"incident.created\"",
         ),
     ];
     for (name, message) in invalid {
@@ -272,8 +273,8 @@ async fn every_rejection_answers_the_contract_and_nothing_is_stored_or_delivered
             .all(|l| l.contains("(none)") == l.contains("unknown_action")),
         "{requests:#?}"
     );
-    // Two actions, the eleven outcomes each can have, and the one series without an action.
-    assert_eq!(requests.len(), 2 * 11 + 1, "{requests:#?}");
+    // Two actions, the twelve outcomes each can have, and the one series without an action.
+    assert_eq!(requests.len(), 2 * 12 + 1, "{requests:#?}");
 
     assert!(gateway.stop_with("-TERM").await.success());
     assert_eq!(
@@ -400,6 +401,188 @@ async fn every_valid_fixture_is_accepted_and_forwarded_byte_for_byte() {
     assert!(gateway
         .logs()
         .contains("schema drift: incident.progress has the undocumented value \"Mitigated\""));
+}
+
+/// Incident and alert webhooks to actions that take them (`events:`), and to one that does not.
+fn webhooks_config(up: &str) -> String {
+    format!(
+        r#"
+server: {{threads: 2}}
+actions:
+  - name: tickets
+    path: /hooks/incident
+    allow: ["127.0.0.1/32"]
+    events: [i_new, i_rslv]
+    upstreams:
+      - name: open
+        url: "{up}/open"
+        when: {{event_type: i_new}}
+        body: '{{"summary": "{{{{incident.title}}}}", "severity": "{{{{incident.incident_severity}}}}"}}'
+      - name: close
+        url: "{up}/close"
+        when: {{event_type: i_rslv}}
+  - name: enrich
+    path: /hooks/alert
+    allow: ["127.0.0.1/32"]
+    events: [a_*]
+    upstreams:
+      - name: enricher
+        url: "{up}/enrich?host={{{{alert.labels.resource}}}}"
+        body: '{{"type": "{{{{event_type}}}}", "incident": "{{{{alert.incident.incident_id}}}}"}}'
+  - name: restart
+    path: /actions/restart
+    allow: ["127.0.0.1/32"]
+    upstreams: [{{name: up, url: "{up}/restart"}}]
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_and_alert_webhooks_reach_the_actions_that_take_them_and_others_are_ignored() {
+    let upstream = Upstream::ok().await;
+    let mut gateway = Gateway::start(&webhooks_config(&upstream.url(""))).await;
+    let later_type = String::from_utf8(fixture("alert_new.json"))
+        .unwrap()
+        .replace("\"a_new\"", "\"a_escalate\"")
+        .replace("9b4c3d5e6f708192a3b4c5d6e7f8091a", "later-type-1");
+    let pushes: [(&str, Vec<u8>, &str, &str); 10] = [
+        (
+            "/hooks/incident",
+            fixture("incident_new.json"),
+            "accepted",
+            "6e1f0a2b3c4d5e6f708192a3b4c5d6e7",
+        ),
+        (
+            "/hooks/incident",
+            fixture("incident_ack.json"),
+            "ignored",
+            "7f2a1b3c4d5e6f708192a3b4c5d6e7f8",
+        ),
+        (
+            "/hooks/incident",
+            fixture("incident_resolved.json"),
+            "accepted",
+            "8a3b2c4d5e6f708192a3b4c5d6e7f809",
+        ),
+        (
+            "/hooks/incident",
+            fixture("alert_new.json"),
+            "ignored",
+            "9b4c3d5e6f708192a3b4c5d6e7f8091a",
+        ),
+        (
+            "/hooks/incident",
+            fixture("incident_new.json"),
+            "duplicate",
+            "6e1f0a2b3c4d5e6f708192a3b4c5d6e7",
+        ),
+        // Not stored, so a second push of an ignored event is ignored again, not a duplicate.
+        (
+            "/hooks/incident",
+            fixture("incident_ack.json"),
+            "ignored",
+            "7f2a1b3c4d5e6f708192a3b4c5d6e7f8",
+        ),
+        (
+            "/hooks/alert",
+            fixture("alert_new.json"),
+            "accepted",
+            "9b4c3d5e6f708192a3b4c5d6e7f8091a",
+        ),
+        (
+            "/hooks/alert",
+            fixture("alert_closed.json"),
+            "accepted",
+            "ac5d4e6f708192a3b4c5d6e7f8091a2b",
+        ),
+        (
+            "/hooks/alert",
+            later_type.into_bytes(),
+            "accepted",
+            "later-type-1",
+        ),
+        // A custom action's path takes i_custom only, as before `events:` existed.
+        (
+            "/actions/restart",
+            fixture("incident_new.json"),
+            "ignored",
+            "6e1f0a2b3c4d5e6f708192a3b4c5d6e7",
+        ),
+    ];
+    for (path, body, status, event_id) in &pushes {
+        let response = Request::post_json(path, body).send(gateway.addr).await;
+        assert_eq!(
+            response.status,
+            200,
+            "{path} {event_id}: {}",
+            response.json()
+        );
+        assert_eq!(
+            response.json(),
+            serde_json::json!({"status": status, "event_id": event_id}),
+            "{path}"
+        );
+    }
+    let received = upstream.wait_for(5, Duration::from_secs(10)).await;
+    let at = |path: &str| -> Vec<serde_json::Value> {
+        received
+            .iter()
+            .filter(|r| r.path.starts_with(path))
+            .map(|r| r.json())
+            .collect()
+    };
+    assert_eq!(
+        at("/open"),
+        [
+            serde_json::json!({"summary": "sh-prod / web-03 - memory usage above 95%", "severity": "Critical"})
+        ]
+    );
+    assert_eq!(at("/close").len(), 1);
+    assert_eq!(at("/close")[0]["event_type"], "i_rslv");
+    let mut enriched = at("/enrich");
+    enriched.sort_by_key(|v| v["type"].to_string());
+    // An alert that joined no incident yet leaves the path as written (Flashduty's rule).
+    assert_eq!(
+        enriched,
+        [
+            serde_json::json!({"type": "a_close", "incident": "692701aa3c5e8f0012ab77c1"}),
+            serde_json::json!({"type": "a_escalate", "incident": "{{alert.incident.incident_id}}"}),
+            serde_json::json!({"type": "a_new", "incident": "{{alert.incident.incident_id}}"}),
+        ]
+    );
+    assert!(received
+        .iter()
+        .filter(|r| r.path.starts_with("/enrich"))
+        .all(|r| r.path == "/enrich?host=web-03"));
+    assert!(at("/restart").is_empty());
+
+    let metric = |action: &str, outcome: &str| {
+        format!("actiongate_requests_total{{action=\"{action}\",outcome=\"{outcome}\"}}")
+    };
+    assert_eq!(gateway.metric(&metric("tickets", "accepted")).await, 2.0);
+    assert_eq!(gateway.metric(&metric("tickets", "ignored")).await, 3.0);
+    assert_eq!(gateway.metric(&metric("tickets", "duplicate")).await, 1.0);
+    assert_eq!(gateway.metric(&metric("enrich", "accepted")).await, 3.0);
+    assert_eq!(gateway.metric(&metric("restart", "ignored")).await, 1.0);
+    assert_eq!(
+        gateway
+            .metric("actiongate_schema_drift_total{field=\"event_type\"}")
+            .await,
+        1.0,
+        "a_escalate is no type Flashduty documents: taken through a_*, and counted"
+    );
+    assert!(gateway
+        .logs()
+        .contains("schema drift: event_type has the undocumented value \"a_escalate\""));
+
+    assert!(gateway.stop_with("-TERM").await.success());
+    let stored = gateway.stored();
+    assert_eq!(
+        stored.dedup_keys, 5,
+        "only the five taken events were stored, the ignored pushes never: {stored:?}"
+    );
+    assert_eq!(stored.pending, 0, "{stored:?}");
+    assert_eq!(upstream.received().len(), 5, "nor delivered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,6 +859,7 @@ async fn admin_health_and_every_series_exist_from_start() {
         "method_not_allowed",
         "request_timeout",
         "unavailable",
+        "ignored",
     ] {
         for action in ["restart", "partner"] {
             let series =
@@ -696,6 +880,8 @@ async fn admin_health_and_every_series_exist_from_start() {
         "actiongate_pending_deliveries{upstream=\"up\"} 0",
         "actiongate_dead_letters{upstream=\"up\"} 0",
         "actiongate_schema_drift_total{field=\"incident.alerts.alert_status\"} 0",
+        "actiongate_schema_drift_total{field=\"event_type\"} 0",
+        "actiongate_schema_drift_total{field=\"alert.alert_severity\"} 0",
     ] {
         assert!(text.contains(series), "missing {series}");
     }

@@ -17,6 +17,7 @@ const ENV: &[(&str, &str)] = &[
     ("ROLLBACK_SECRET", "s"),
     ("DEPLOY_TOKEN", "deploy-token"),
     ("STATUS_SECRET", "s"),
+    ("HOOK_SECRET", "s"),
     ("STATUSPAGE_TOKEN", "page-token"),
     ("FLASHDUTY_APP_KEY", "fd-key"),
     ("PG_PASSWORD", "pg-password"),
@@ -117,7 +118,7 @@ actions:
     assert_eq!(
         text(&out.stderr),
         "server.threads: invalid type: string \"two\", expected a whole number\n\
-         actions[0].tiemout: unknown field `tiemout`, expected one of `name`, `path`, `allow`, \
+         actions[0].tiemout: unknown field `tiemout`, expected one of `name`, `path`, `events`, `allow`, \
          `secret`, `upstreams`, `report`, `guard`\n\
          actions[0].upstreams[0].timeout: invalid type: integer `30`, expected a duration such \
          as 5s, 500ms or 1m30s\n\
@@ -157,7 +158,7 @@ actions:
         text(&out.stderr),
         "fallback.uri: unknown field `uri`, expected `url`\n\
          fallback: missing field `url`\n\
-         actions[0].nme: unknown field `nme`, expected one of `name`, `path`, `allow`, `secret`, \
+         actions[0].nme: unknown field `nme`, expected one of `name`, `path`, `events`, `allow`, `secret`, \
          `upstreams`, `report`, `guard`\n\
          actions[0]: missing field `name`\n\
          actions[1].allow[1]: invalid type: integer `7`, expected a string\n\
@@ -205,11 +206,11 @@ actions:
     assert_eq!(
         text(&out.stderr),
         "warning: actions[0].upstreams[0].headers.x-who: persn.email is not in Flashduty's \
-         custom-action payload; did you mean person.email?\n\
+         payloads; did you mean person.email?\n\
          warning: actions[0].upstreams[0].when: incident.incident_severty is not in Flashduty's \
-         custom-action payload; did you mean incident.incident_severity?\n\
+         payloads; did you mean incident.incident_severity?\n\
          warning: actions[0].upstreams[0].body: incident.lables.service is not in Flashduty's \
-         custom-action payload; did you mean incident.labels.service?\n"
+         payloads; did you mean incident.labels.service?\n"
     );
     // render says the same, and names the reach of value_mapping.
     let payload = root().join("tests/fixtures/custom_action_full.json");
@@ -287,7 +288,10 @@ fn every_upstream_of_every_shipped_config_renders_for_some_shipped_fixture() {
                         &upstream.name,
                         fixture,
                     );
-                    out.status.success() && !text(&out.stdout).starts_with("# when: does not match")
+                    let stdout = text(&out.stdout);
+                    out.status.success()
+                        && !stdout.starts_with("# when: does not match")
+                        && !stdout.starts_with("# events:")
                 });
                 assert!(
                     full.is_some(),
@@ -436,7 +440,7 @@ fn render_says_when_an_upstream_would_skip_the_event() {
 
 #[test]
 fn render_refuses_what_the_gateway_would_refuse() {
-    let bad = root().join("tests/fixtures/invalid/wrong_event_type.json");
+    let bad = root().join("tests/fixtures/invalid/event_type_not_flashduty.json");
     let out = render(
         "conf/examples/restart-host.yaml",
         "restart-host",
@@ -446,10 +450,24 @@ fn render_refuses_what_the_gateway_would_refuse() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).ends_with(
-            "the gateway would refuse this payload: event_type: expected \"i_custom\" (a custom action), got \"i_new\"\n"
+            "the gateway would refuse this payload: event_type: expected a Flashduty event type \
+             (i_… for an incident, a_… for an alert), got \"incident.created\"\n"
         ),
         "{}",
         text(&out.stderr)
+    );
+    // A type the action does not take is no refusal: it is answered 200 and goes nowhere.
+    let out = render(
+        "conf/examples/restart-host.yaml",
+        "restart-host",
+        "restarter",
+        &root().join("tests/fixtures/incident_new.json"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "# events: restart-host does not take i_new (events: [i_custom]); the gateway would \
+         answer 200 ignored and deliver nothing\n"
     );
     let out = render(
         "conf/examples/restart-host.yaml",
@@ -1129,7 +1147,7 @@ fn the_check_explains_report_and_guard_mistakes() {
     assert_eq!(
         text(&out.stderr),
         "warning: actions[0].report.on: guarded is reported, but the action has no guard\n\
-         warning: actions[0].report.comment: incident.titel is not in Flashduty's custom-action \
-         payload; did you mean incident.title?\n"
+         warning: actions[0].report.comment: incident.titel is not in Flashduty's payloads; \
+         did you mean incident.title?\n"
     );
 }

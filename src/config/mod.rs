@@ -26,6 +26,7 @@ use crate::delivery::schema;
 use crate::delivery::template::{Template, TextTemplate, ValueMapping};
 use crate::delivery::when::When;
 use crate::ingress::allowlist::IpSet;
+use crate::ingress::event_type::EventTypes;
 use crate::logging::LogFormat;
 use raw::{RawAction, RawConfig, RawUpstream};
 use units::{parse_duration, parse_size};
@@ -150,6 +151,8 @@ pub enum DriftPolicy {
 pub struct Action {
     pub name: String,
     pub path: String,
+    /// The event types taken; others are answered `200 ignored`.
+    pub events: EventTypes,
     pub allow: IpSet,
     /// Whether `allow` names the `flashduty` source: only then does a right secret from an
     /// unknown address suggest that Flashduty's push addresses changed.
@@ -746,6 +749,17 @@ fn validate_action(
             ),
         );
     }
+    let events = match &a.events {
+        None => EventTypes::default(),
+        Some(entries) => {
+            let parsed = check.ok(format!("{at}.events"), EventTypes::parse(entries));
+            let (events, warnings) = parsed.unwrap_or_default();
+            for warning in warnings {
+                check.warnings.push(format!("{at}.events: {warning}"));
+            }
+            events
+        }
+    };
     let default_allow = vec!["flashduty".to_string()];
     let entries = a.allow.as_ref().unwrap_or(&default_allow);
     let mut allow = Vec::new();
@@ -829,6 +843,7 @@ fn validate_action(
     Some(Action {
         name: a.name.clone(),
         path: a.path.clone(),
+        events,
         allow: IpSet::new(allow),
         allows_flashduty: entries.iter().any(|entry| entry == "flashduty"),
         secret,

@@ -170,6 +170,9 @@ pub struct RawAction {
     pub name: String,
     /// Exact request path.
     pub path: String,
+    /// Flashduty event types taken: i_custom, i_new, …, a_new, …; i_* / a_* for every type
+    /// of a kind [i_custom]. Others are answered `200 ignored`.
+    pub events: Option<Vec<String>>,
     /// Source names and/or CIDRs [flashduty].
     pub allow: Option<Vec<String>>,
     /// Shared-secret header.

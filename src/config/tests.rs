@@ -269,3 +269,34 @@ fn admin_token_is_a_bearer_credential_that_debug_output_never_shows() {
         );
     }
 }
+
+#[test]
+fn events_default_to_custom_actions_and_bad_types_are_named() {
+    let c = load(MINIMAL).unwrap();
+    assert_eq!(c.actions[0].events.to_string(), "[i_custom]");
+    let with = |events: &str| {
+        MINIMAL.replace(
+            "    path: /actions/restart-host\n",
+            &format!("    path: /actions/restart-host\n    events: {events}\n"),
+        )
+    };
+    let c = load(&with("[i_new, i_rslv, a_*]")).unwrap();
+    assert!(c.actions[0].events.wants("a_close"));
+    assert!(!c.actions[0].events.wants("i_custom"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(
+        problems(&with("[i_new, new_incident]")),
+        ["actions[0].events: \"new_incident\" is not a Flashduty event type (i_… for incidents, \
+          a_… for alerts, or i_* / a_* for every type of a kind)"]
+    );
+    assert_eq!(
+        problems(&with("[]")),
+        ["actions[0].events: must name at least one event type (e.g. [i_custom])"]
+    );
+    assert!(problems(&with("i_new"))[0].starts_with("actions[0].events: invalid type"));
+    let c = load(&with("[i_ack, a_nwe]")).unwrap();
+    assert_eq!(
+        c.warnings,
+        ["actions[0].events: \"a_nwe\" is not one of Flashduty's documented event types; did you mean a_new?"]
+    );
+}

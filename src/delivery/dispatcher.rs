@@ -796,7 +796,7 @@ fn report_of(
             action = facts.action,
             upstream = REPORT_UPSTREAM,
             event_id = record.event_id.as_str();
-            "not reported: incident.incident_id is not a Flashduty incident id (24 hex characters)"
+            "{}", report::NO_INCIDENT
         );
         plan.metrics.delivery(DeliveryOutcome::Skipped);
     }

@@ -22,6 +22,7 @@ use super::retry::AttemptOutcome;
 use super::template::{TextTemplate, ValueMapping};
 use crate::config::units::format_duration;
 use crate::config::{Report, ReportOutcome, REPORT_UPSTREAM};
+use crate::ingress::event_type::EventKind;
 use crate::store::NewEvent;
 
 /// Flashduty refuses longer comments.
@@ -73,8 +74,8 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(report: &Report) -> Plan {
-        let incident = incident_path();
-        let mut paths = vec![&incident];
+        let incident = incident_paths();
+        let mut paths: Vec<&FieldPath> = incident.iter().collect();
         if let Some(comment) = &report.comment {
             paths.extend(comment.paths());
         }
@@ -105,18 +106,35 @@ impl Plan {
     }
 }
 
-fn incident_path() -> FieldPath {
-    // A constant path: it parses.
-    FieldPath::parse("incident.incident_id").unwrap_or_else(|_| unreachable!())
+/// Where a payload names its incident: `event_type`, then the incident of an incident event
+/// and that of an alert event (once the alert belongs to one).
+fn incident_paths() -> [FieldPath; 3] {
+    // Constant paths: they parse.
+    [
+        "event_type",
+        "incident.incident_id",
+        "alert.incident.incident_id",
+    ]
+    .map(|path| FieldPath::parse(path).unwrap_or_else(|_| unreachable!()))
 }
 
 /// The incident a payload (as projected) is about, when it is one Flashduty can comment on.
 pub fn incident_id(payload: &Value) -> Option<&str> {
-    incident_path()
+    let [event_type, incident, alert] = incident_paths();
+    let is_alert = event_type
         .resolve(payload)
+        .and_then(Value::as_str)
+        .and_then(EventKind::of)
+        == Some(EventKind::Alert);
+    let path = if is_alert { alert } else { incident };
+    path.resolve(payload)
         .and_then(Value::as_str)
         .filter(|id| is_incident_id(id))
 }
+
+/// Why a report was not written, for the log: the payload names no incident to comment on.
+pub const NO_INCIDENT: &str = "not reported: the payload names no Flashduty incident (24 hex \
+     characters at incident.incident_id, or alert.incident.incident_id for an alert)";
 
 /// Flashduty's incident ids are 24 hexadecimal characters (an ObjectID).
 pub fn is_incident_id(text: &str) -> bool {

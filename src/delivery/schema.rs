@@ -1,4 +1,5 @@
-//! Flashduty's documented custom-action payload as a tree of field names, so that `-t`,
+//! Flashduty's documented payloads (custom actions, incident and alert webhooks) as one tree
+//! of field names, so that `-t`,
 //! `render` and reloads can warn about a template or `when` path Flashduty never sends
 //! (`incident.lables.service`), naming the closest documented one. A warning, never a refusal:
 //! custom fields and fields Flashduty adds later are real paths too.
@@ -11,6 +12,12 @@ enum Shape {
     Leaf,
     /// An object with these documented keys.
     Object(&'static [(&'static str, Shape)]),
+    /// An object with the keys of both tables (an alert webhook's `alert`: an incident's
+    /// alert and more).
+    Extended(
+        &'static [(&'static str, Shape)],
+        &'static [(&'static str, Shape)],
+    ),
     /// An array; a numeric segment indexes an element of this shape.
     Array(&'static Shape),
     /// An object with keys of the user's own (`labels`): one more segment, any name.
@@ -19,7 +26,7 @@ enum Shape {
     Any,
 }
 
-use Shape::{Any, Array, Labels, Leaf, Object};
+use Shape::{Any, Array, Extended, Labels, Leaf, Object};
 
 const PERSON: &[(&str, Shape)] = &[("person_id", Leaf), ("person_name", Leaf), ("email", Leaf)];
 
@@ -141,9 +148,19 @@ const PAYLOAD: Shape = Object(&[
     ),
     ("person", Object(PERSON)),
     ("incident", Object(INCIDENT)),
+    (
+        "alert",
+        Extended(
+            ALERT,
+            &[(
+                "incident",
+                Object(&[("incident_id", Leaf), ("title", Leaf)]),
+            )],
+        ),
+    ),
 ]);
 
-/// `None` when `path` can be in a custom-action payload; else a warning saying so, with the
+/// `None` when `path` can be in one of Flashduty's payloads; else a warning saying so, with the
 /// closest documented path when there is one near enough to be a typo.
 pub fn check(path: &FieldPath) -> Option<String> {
     let keys: Vec<&str> = path.keys().collect();
@@ -154,14 +171,14 @@ pub fn check(path: &FieldPath) -> Option<String> {
             Labels if i + 1 == keys.len() => return None,
             Leaf | Labels => {
                 return Some(format!(
-                    "{path} is not in Flashduty's custom-action payload ({} has nothing below it)",
+                    "{path} is not in Flashduty's payloads ({} has nothing below it)",
                     keys[..i].join(".")
                 ))
             }
             Array(element) => {
                 if key.parse::<usize>().is_err() {
                     return Some(format!(
-                        "{path} is not in Flashduty's custom-action payload ({} is a list: \
+                        "{path} is not in Flashduty's payloads ({} is a list: \
                          index it, as in {}.0)",
                         keys[..i].join("."),
                         keys[..i].join(".")
@@ -169,11 +186,16 @@ pub fn check(path: &FieldPath) -> Option<String> {
                 }
                 element
             }
-            Object(fields) => match fields.iter().find(|(name, _)| name == key) {
+            Object(fields) | Extended(fields, _) => match fields
+                .iter()
+                .chain(more(shape))
+                .find(|(name, _)| name == key)
+            {
                 Some((_, inner)) => inner,
                 None => {
-                    let mut text = format!("{path} is not in Flashduty's custom-action payload");
-                    if let Some(near) = closest(key, fields.iter().map(|(name, _)| *name)) {
+                    let mut text = format!("{path} is not in Flashduty's payloads");
+                    let names = fields.iter().chain(more(shape)).map(|(name, _)| *name);
+                    if let Some(near) = closest(key, names) {
                         let mut fixed: Vec<&str> = keys.clone();
                         fixed[i] = near;
                         text.push_str(&format!("; did you mean {}?", fixed.join(".")));
@@ -184,6 +206,14 @@ pub fn check(path: &FieldPath) -> Option<String> {
         };
     }
     None
+}
+
+/// The second table of an extended object.
+fn more(shape: &Shape) -> impl Iterator<Item = &(&'static str, Shape)> {
+    match shape {
+        Extended(_, more) => more.iter(),
+        _ => [].iter(),
+    }
 }
 
 /// The candidate nearest to `key` by edit distance, if near enough to be a typo.
@@ -197,7 +227,7 @@ fn closest<'a>(key: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&
 }
 
 /// Levenshtein distance, with a swap of two neighbours counted as one edit (`lables`).
-fn distance(a: &str, b: &str) -> usize {
+pub(crate) fn distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
     let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
@@ -244,6 +274,10 @@ mod tests {
             "incident.alerts",
             "person.email",
             "event_detail.integration_name",
+            "alert.labels.host",
+            "alert.incident.incident_id",
+            "alert.alert_severity",
+            "event_type",
         ] {
             assert_eq!(warn(path), None, "{path}");
         }
@@ -253,19 +287,25 @@ mod tests {
     fn typos_name_the_closest_documented_path() {
         assert_eq!(
             warn("incident.lables.service").unwrap(),
-            "incident.lables.service is not in Flashduty's custom-action payload; \
+            "incident.lables.service is not in Flashduty's payloads; \
              did you mean incident.labels.service?"
         );
         assert!(warn("incident.incident_severty")
             .unwrap()
             .ends_with("did you mean incident.incident_severity?"));
+        assert!(warn("alert.incident.titel")
+            .unwrap()
+            .ends_with("did you mean alert.incident.title?"));
+        assert!(warn("alert.incidnt")
+            .unwrap()
+            .ends_with("did you mean alert.incident?"));
         assert!(warn("persn.email")
             .unwrap()
             .ends_with("did you mean person.email?"));
         // Nothing near: no guess.
         assert_eq!(
             warn("incident.zzzzzzzz").unwrap(),
-            "incident.zzzzzzzz is not in Flashduty's custom-action payload"
+            "incident.zzzzzzzz is not in Flashduty's payloads"
         );
     }
 

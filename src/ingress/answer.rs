@@ -22,10 +22,13 @@ pub enum Outcome {
     UnknownAction,
     /// One of the action's guards refused the push (`guard:`).
     Guarded,
+    /// An event type the action does not take (`events:`): a 200, so that Flashduty sees no
+    /// failure, but not stored.
+    Ignored,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 13] = [
+    pub const ALL: [Outcome; 14] = [
         Outcome::Accepted,
         Outcome::Duplicate,
         Outcome::ForbiddenSource,
@@ -39,6 +42,7 @@ impl Outcome {
         Outcome::Unavailable,
         Outcome::UnknownAction,
         Outcome::Guarded,
+        Outcome::Ignored,
     ];
 
     pub fn label(self) -> &'static str {
@@ -56,12 +60,13 @@ impl Outcome {
             Outcome::Unavailable => "unavailable",
             Outcome::UnknownAction => "unknown_action",
             Outcome::Guarded => "guarded",
+            Outcome::Ignored => "ignored",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
-            Outcome::Accepted | Outcome::Duplicate => 200,
+            Outcome::Accepted | Outcome::Duplicate | Outcome::Ignored => 200,
             Outcome::InvalidJson | Outcome::InvalidPayload => 400,
             Outcome::Unauthorized => 401,
             Outcome::ForbiddenSource => 403,
@@ -118,10 +123,12 @@ impl Answer {
         }
         let (label, detail) = (self.outcome.label(), self.detail.as_str());
         let body = match self.outcome {
-            Outcome::Accepted | Outcome::Duplicate => serde_json::to_vec(&Taken {
-                status: label,
-                event_id: detail,
-            }),
+            Outcome::Accepted | Outcome::Duplicate | Outcome::Ignored => {
+                serde_json::to_vec(&Taken {
+                    status: label,
+                    event_id: detail,
+                })
+            }
             _ => serde_json::to_vec(&Refused {
                 error: label,
                 message: detail,
@@ -162,6 +169,7 @@ mod tests {
         assert_eq!(Outcome::RequestTimeout.status(), 408);
         assert_eq!(Outcome::UnsupportedMediaType.status(), 415);
         assert_eq!(Outcome::Guarded.status(), 409);
+        assert_eq!(Outcome::Ignored.status(), 200);
     }
 
     #[test]
@@ -170,6 +178,11 @@ mod tests {
         assert_eq!(
             &ok.body()[..],
             br#"{"status":"duplicate","event_id":"abc"}"#
+        );
+        let ignored = Answer::success(Outcome::Ignored, "abc");
+        assert_eq!(
+            &ignored.body()[..],
+            br#"{"status":"ignored","event_id":"abc"}"#
         );
         let err = Answer::error(Outcome::InvalidPayload, "incident.title: expected a string");
         assert_eq!(

@@ -9,6 +9,7 @@ pub mod admission;
 pub mod allowlist;
 pub mod answer;
 pub mod client_addr;
+pub mod event_type;
 pub mod guard;
 pub mod payload;
 pub mod refusals;
@@ -30,7 +31,7 @@ use crate::metrics::{ActionMetrics, Metrics};
 use crate::store::{now_ms, Appended, NewEvent, Store};
 use allowlist::IpSet;
 use answer::{Answer, Outcome};
-use payload::{PayloadError, DRIFT_FIELDS};
+use payload::{PayloadError, Verdict, DRIFT_FIELDS};
 
 /// Distinct drift values logged, at most; past that they are only counted.
 const DRIFT_LOG_LIMIT: usize = 256;
@@ -323,12 +324,16 @@ impl Ingress {
             Ok(Ok(body)) => body,
         };
 
-        let valid = match payload::validate(&body, self.drift_policy) {
+        let valid = match payload::validate(&body, self.drift_policy, &action.events) {
             Err(PayloadError::NotJson(why)) => {
                 return Answer::error(Outcome::InvalidJson, format!("body is not JSON: {why}"))
             }
             Err(PayloadError::Invalid(why)) => return Answer::error(Outcome::InvalidPayload, why),
-            Ok(valid) => valid,
+            Ok(Verdict::Unwanted { event_id, .. }) => {
+                seen.event_id = Some(event_id.to_string());
+                return Answer::success(Outcome::Ignored, &event_id);
+            }
+            Ok(Verdict::Valid(valid)) => valid,
         };
         for (field, value) in &valid.drift {
             self.schema_drift(*field, value);
@@ -399,7 +404,7 @@ impl Ingress {
             log::warn!(
                 action = route.name.as_ref(),
                 event_id = event_id;
-                "guard refusal not reported: incident.incident_id is not a Flashduty incident id (24 hex characters)"
+                "guard refusal {}", report::NO_INCIDENT
             );
             return;
         };

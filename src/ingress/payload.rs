@@ -1,4 +1,6 @@
-//! Validates a Flashduty custom-action payload (PAYLOAD.md) in one streaming pass.
+//! Validates a Flashduty webhook payload (PAYLOAD.md) in one streaming pass: a custom action
+//! or incident webhook (`i_*`, carrying `incident`) or an alert webhook (`a_*`, carrying
+//! `alert`).
 //!
 //! The schema is a static table below. The validator walks the JSON once with serde, checking
 //! each documented field's type as it goes and skipping unknown fields without building them,
@@ -7,28 +9,34 @@
 //!
 //! Rules (forward compatible by design):
 //! - Required: `event_id` (top level, or `incident.event_id` in older pushes), `event_type`
-//!   (= `i_custom`), `event_time`, `incident`, and in it `incident_id`, `title`,
-//!   `incident_severity`, `incident_status`, `progress`. Every other documented field is
-//!   type-checked when present; absent, `null`, `0`, `""`, `{}` and `[]` all mean "not set".
+//!   (`i_…` or `a_…`), `event_time`, and the object the type names: `incident` with its
+//!   `incident_id`, `title`, `incident_severity`, `incident_status`, `progress`; or `alert`
+//!   with its `alert_id`, `title`, `alert_severity`, `alert_status`. Every other documented
+//!   field is type-checked when present; absent, `null`, `0`, `""`, `{}` and `[]` all mean
+//!   "not set". Once the type is known, the other kind's object is just an unknown field.
 //! - Unknown fields are accepted anywhere.
-//! - An unknown value of a documented enum is schema drift: reported to the caller (counted in
+//! - An unknown value of a documented enum, and an `i_…`/`a_…` type Flashduty does not
+//!   document, are schema drift: reported to the caller (counted in
 //!   `actiongate_schema_drift_total`), or rejected when the config says `schema_drift: reject`.
+//! - A type the action does not take (`events:`) is [`Verdict::Unwanted`], whatever the rest of
+//!   the body holds: the gateway answers it `200 ignored` and Flashduty sees no failure.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::event_type::{EventKind, EventTypes, ALERT_TYPES, INCIDENT_TYPES};
 use crate::config::DriftPolicy;
 
 /// Longest accepted `event_id`, in bytes: it is a dedup key, so it must stay small.
 pub const MAX_EVENT_ID: usize = 256;
-/// Longest accepted `incident.incident_id`, in bytes: a guard key holds it (Flashduty's are 24
-/// characters).
+/// Longest accepted `incident.incident_id` or `alert.alert_id`, in bytes: a guard key holds it
+/// (Flashduty's are 24 characters).
 pub const MAX_INCIDENT_ID: usize = 256;
 
 /// The documented enum fields, as `field` labels of `actiongate_schema_drift_total`.
-pub const DRIFT_FIELDS: [&str; 9] = [
+pub const DRIFT_FIELDS: [&str; 13] = [
     "incident.incident_severity",
     "incident.incident_status",
     "incident.progress",
@@ -38,13 +46,46 @@ pub const DRIFT_FIELDS: [&str; 9] = [
     "incident.alerts.alert_severity",
     "incident.alerts.alert_status",
     "incident.alerts.progress",
+    "event_type",
+    "alert.alert_severity",
+    "alert.alert_status",
+    "alert.progress",
 ];
+
+/// The `DRIFT_FIELDS` index of `event_type`.
+const EVENT_TYPE_DRIFT: usize = 9;
+
+/// What the validator made of a body that is JSON with an event type.
+#[derive(Debug)]
+pub enum Verdict<'a> {
+    /// The action takes this type and the payload keeps its contract.
+    Valid(Validated<'a>),
+    /// The action does not take this type (`events:`): answered `200 ignored`, not stored.
+    Unwanted {
+        event_id: Cow<'a, str>,
+        event_type: String,
+    },
+}
+
+impl Verdict<'_> {
+    /// The event id the answer names.
+    pub fn event_id(&self) -> &str {
+        match self {
+            Verdict::Valid(valid) => &valid.event_id,
+            Verdict::Unwanted { event_id, .. } => event_id,
+        }
+    }
+}
 
 /// A payload that passed validation.
 #[derive(Debug)]
 pub struct Validated<'a> {
     pub event_id: Cow<'a, str>,
-    /// `incident.incident_id`: what guards and reports are about.
+    /// `i_*` or `a_*`.
+    pub kind: EventKind,
+    /// What guards and reports are about: the incident (`incident.incident_id`, or for an
+    /// alert `alert.incident.incident_id`); for an alert that belongs to no incident yet,
+    /// `alert:` and its `alert_id`.
     pub incident_id: Cow<'a, str>,
     /// Whether `person` is set: someone pressed the button (an automation sends none).
     pub person: bool,
@@ -72,19 +113,61 @@ impl fmt::Display for PayloadError {
 
 impl std::error::Error for PayloadError {}
 
-/// Validates `body`; see the module documentation for the rules.
-pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, PayloadError> {
+/// Validates `body` for an action taking `events`; see the module documentation for the rules.
+pub fn validate<'a>(
+    body: &'a [u8],
+    policy: DriftPolicy,
+    events: &EventTypes,
+) -> Result<Verdict<'a>, PayloadError> {
+    // JSON text is UTF-8 (RFC 8259). Checked once for the whole body, strings need no check of
+    // their own: serde_json's per-string `from_utf8` calls were 11 % of validation (perf).
+    let text = std::str::from_utf8(body).map_err(|e| not_utf8(body, e.valid_up_to()))?;
+    match walk(text, policy, events, None) {
+        Walked::Done(verdict) => verdict,
+        // The walk met a problem before it met `event_type`: the problem may be in the object
+        // of the other kind (an unknown field once the type is known), or the type may be one
+        // the action does not take. A second, plain parse says which; only failures pay it.
+        Walked::TypeUnknown(error) => {
+            let Some(event_type) = envelope(body)?.event_type else {
+                return Err(error);
+            };
+            match EventKind::of(&event_type) {
+                None => Err(error),
+                Some(_) if !events.wants(&event_type) => unwanted(body, event_type, None),
+                Some(kind) => match walk(text, policy, events, Some(kind)) {
+                    Walked::Done(verdict) => verdict,
+                    Walked::TypeUnknown(error) => Err(error),
+                },
+            }
+        }
+    }
+}
+
+/// How one walk over the body ended.
+enum Walked<'a> {
+    Done(Result<Verdict<'a>, PayloadError>),
+    /// Refused before `event_type` was read: the answer may change once it is known.
+    TypeUnknown(PayloadError),
+}
+
+/// One streaming pass; `kind` is the payload's kind when an earlier pass learnt it.
+fn walk<'a>(
+    text: &'a str,
+    policy: DriftPolicy,
+    events: &EventTypes,
+    kind: Option<EventKind>,
+) -> Walked<'a> {
     let mut ctx = Ctx {
         policy,
-        event_id: [None, None],
-        incident_id: None,
+        events,
+        kind,
+        event_type: None,
+        kept: Default::default(),
+        present: [false; 2],
         person: false,
         drift: Vec::new(),
         problem: None,
     };
-    // JSON text is UTF-8 (RFC 8259). Checked once for the whole body, strings need no check of
-    // their own: serde_json's per-string `from_utf8` calls were 11 % of validation (perf).
-    let text = std::str::from_utf8(body).map_err(|e| not_utf8(body, e.valid_up_to()))?;
     let mut de = serde_json::Deserializer::from_str(text);
     let seed = Seed {
         kind: &ENVELOPE,
@@ -92,19 +175,75 @@ pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, Paylo
         ctx: &mut ctx,
     };
     let parsed = seed.deserialize(&mut de).and_then(|()| de.end());
+    let body = text.as_bytes();
+    if let Some(event_type) = ctx.event_type.take().filter(|_| ctx.problem.is_none()) {
+        if !events.wants(&event_type) {
+            let [top, legacy, ..] = std::mem::take(&mut ctx.kept);
+            return Walked::Done(unwanted(body, event_type.into_owned(), top.or(legacy)));
+        }
+    }
     if let Err(e) = parsed {
-        return Err(match ctx.problem.take() {
+        let error = match ctx.problem.take() {
             // A schema problem was found before the end; if the text is not even JSON further
             // on, "not JSON" is the truer answer.
             Some(problem) => match serde_json::from_slice::<IgnoredAny>(body) {
                 Ok(_) => PayloadError::Invalid(problem.to_string()),
-                Err(syntax) => PayloadError::NotJson(syntax.to_string()),
+                Err(syntax) => return Walked::Done(Err(PayloadError::NotJson(syntax.to_string()))),
             },
-            None => PayloadError::NotJson(e.to_string()),
-        });
+            None => return Walked::Done(Err(PayloadError::NotJson(e.to_string()))),
+        };
+        return match ctx.kind {
+            None => Walked::TypeUnknown(error),
+            Some(_) => Walked::Done(Err(error)),
+        };
     }
-    let [top, legacy] = ctx.event_id;
-    let event_id = top.or(legacy).ok_or_else(|| {
+    Walked::Done(ctx.finish().map(Verdict::Valid))
+}
+
+/// The answer for a type the action does not take: the body must still be JSON, and have an
+/// event id (that the walk may not have reached) for the answer to name.
+fn unwanted<'a>(
+    body: &'a [u8],
+    event_type: String,
+    event_id: Option<Cow<'a, str>>,
+) -> Result<Verdict<'a>, PayloadError> {
+    let event_id = match event_id {
+        Some(id) => {
+            serde_json::from_slice::<IgnoredAny>(body)
+                .map_err(|e| PayloadError::NotJson(e.to_string()))?;
+            Some(id)
+        }
+        None => envelope(body)?.event_id.map(Cow::Owned),
+    };
+    Ok(Verdict::Unwanted {
+        event_id: checked_event_id(event_id)?,
+        event_type,
+    })
+}
+
+/// The envelope of a body, read plainly: the slow path, for refusals and unwanted types.
+struct Envelope {
+    event_type: Option<String>,
+    event_id: Option<String>,
+}
+
+fn envelope(body: &[u8]) -> Result<Envelope, PayloadError> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    let text = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    Ok(Envelope {
+        event_type: text(doc.get("event_type")),
+        event_id: text(doc.get("event_id")).or_else(|| text(doc.pointer("/incident/event_id"))),
+    })
+}
+
+/// The event id, if there is one and it fits a dedup key.
+fn checked_event_id(event_id: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, PayloadError> {
+    let event_id = event_id.ok_or_else(|| {
         PayloadError::Invalid(
             "event_id: required, a non-empty string (at event_id, or incident.event_id)".into(),
         )
@@ -114,13 +253,7 @@ pub fn validate(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, Paylo
             "event_id: longer than {MAX_EVENT_ID} bytes"
         )));
     }
-    Ok(Validated {
-        event_id,
-        // Required by the schema: a payload that passed has it.
-        incident_id: ctx.incident_id.unwrap_or_default(),
-        person: ctx.person,
-        drift: ctx.drift,
-    })
+    Ok(event_id)
 }
 
 /// Where the body stops being UTF-8, as serde_json would say it ("line 3 column 14").
@@ -144,12 +277,10 @@ enum Kind {
     Int,
     Bool,
     Any,
-    /// Must be exactly `i_custom`.
+    /// `i_…` or `a_…`, one the action takes.
     EventType,
-    /// A dedup key: slot 0 is the top level, slot 1 the legacy `incident.event_id`.
-    EventId(usize),
-    /// `incident.incident_id`, kept: a required non-empty string.
-    IncidentId,
+    /// An id kept for the answer, guards and reports.
+    Kept(Id),
     /// `person`, an object whose presence is kept.
     Person,
     /// A documented enum: index into DRIFT_FIELDS, known values.
@@ -157,8 +288,40 @@ enum Kind {
     /// Fields sorted by name (a test checks it): found through [`FieldIndex`], or by binary
     /// search for a table the index was not built for.
     Object(&'static [Field]),
+    /// The object an event type names (`incident` for `i_*`, `alert` for `a_*`): required
+    /// when the payload is of its kind, an unknown field when it is of the other. `base` holds
+    /// more optional fields, looked up after `fields`.
+    Subject {
+        kind: EventKind,
+        fields: &'static [Field],
+        base: &'static [Field],
+    },
     Array(&'static Kind),
     Map(&'static Kind),
+}
+
+/// The ids a payload names, each kept in its slot of [`Ctx::kept`]. An empty one counts as
+/// absent; a required one must not be empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Id {
+    /// `event_id`.
+    Event = 0,
+    /// `incident.event_id`, of older pushes.
+    LegacyEvent = 1,
+    /// `incident.incident_id`.
+    Incident = 2,
+    /// `alert.alert_id`.
+    Alert = 3,
+    /// `alert.incident.incident_id`: the incident an alert belongs to, once it does.
+    AlertIncident = 4,
+}
+
+const IDS: usize = 5;
+
+impl Id {
+    fn is_event(self) -> bool {
+        matches!(self, Id::Event | Id::LegacyEvent)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,11 +357,26 @@ const SEVERITY: &[&str] = &["Critical", "Warning", "Info"];
 const STATUS: &[&str] = &["Critical", "Warning", "Info", "Ok"];
 
 static ENVELOPE: Kind = Kind::Object(&[
+    opt(
+        "alert",
+        Kind::Subject {
+            kind: EventKind::Alert,
+            fields: ALERT_EVENT,
+            base: ALERT,
+        },
+    ),
     opt("event_detail", Kind::Object(EVENT_DETAIL)),
-    opt("event_id", Kind::EventId(0)),
+    opt("event_id", Kind::Kept(Id::Event)),
     req("event_time", Kind::Int),
     req("event_type", Kind::EventType),
-    req("incident", Kind::Object(INCIDENT)),
+    opt(
+        "incident",
+        Kind::Subject {
+            kind: EventKind::Incident,
+            fields: INCIDENT,
+            base: &[],
+        },
+    ),
     opt("person", Kind::Person),
 ]);
 
@@ -274,6 +452,22 @@ const ALERT: &[Field] = &[
     opt("updated_at", Kind::Int),
 ];
 
+/// The `alert` of an alert webhook: what differs from an incident's `alerts[]` item, which
+/// is its base ([`ALERT`]).
+const ALERT_EVENT: &[Field] = &[
+    req("alert_id", Kind::Kept(Id::Alert)),
+    req("alert_severity", Kind::Enum(10, SEVERITY)),
+    req("alert_status", Kind::Enum(11, STATUS)),
+    opt("incident", Kind::Object(ALERT_INCIDENT)),
+    opt("progress", Kind::Enum(12, &["Triggered", "Closed"])),
+    req("title", Kind::Str),
+];
+
+const ALERT_INCIDENT: &[Field] = &[
+    opt("incident_id", Kind::Kept(Id::AlertIncident)),
+    opt("title", Kind::Str),
+];
+
 const INCIDENT: &[Field] = &[
     opt("account_id", Kind::Int),
     opt("account_name", Kind::Str),
@@ -300,13 +494,13 @@ const INCIDENT: &[Field] = &[
     opt("description", Kind::Str),
     opt("detail_url", Kind::Str),
     opt("end_time", Kind::Int),
-    opt("event_id", Kind::EventId(1)),
+    opt("event_id", Kind::Kept(Id::LegacyEvent)),
     opt("fields", Kind::Map(&Kind::Any)),
     opt("group_method", Kind::Enum(4, &["n", "p", "i"])),
     opt("has_unfinished_work_item", Kind::Bool),
     opt("images", Kind::Array(&Kind::Object(IMAGE))),
     opt("impact", Kind::Str),
-    req("incident_id", Kind::IncidentId),
+    req("incident_id", Kind::Kept(Id::Incident)),
     req("incident_severity", Kind::Enum(0, SEVERITY)),
     req("incident_status", Kind::Enum(1, STATUS)),
     opt("integration_id", Kind::Int),
@@ -337,12 +531,12 @@ impl Kind {
     fn expected(&self) -> &'static str {
         match self {
             Kind::Str | Kind::Enum(..) => "a string",
-            Kind::EventId(_) | Kind::IncidentId => "a non-empty string",
+            Kind::Kept(_) => "a non-empty string",
             Kind::Int => "an integer",
             Kind::Bool => "a boolean",
             Kind::Any => "any value",
-            Kind::EventType => "\"i_custom\"",
-            Kind::Object(_) | Kind::Map(_) | Kind::Person => "an object",
+            Kind::EventType => "an event type such as \"i_custom\"",
+            Kind::Object(_) | Kind::Subject { .. } | Kind::Map(_) | Kind::Person => "an object",
             Kind::Array(_) => "an array",
         }
     }
@@ -380,6 +574,11 @@ fn index_tables(kind: &Kind, indexes: &mut Vec<(usize, FieldIndex)>) {
                 for field in *fields {
                     index_tables(&field.kind, indexes);
                 }
+            }
+        }
+        Kind::Subject { fields, base, .. } => {
+            for table in [*fields, *base].into_iter().filter(|t| !t.is_empty()) {
+                index_tables(&Kind::Object(table), indexes);
             }
         }
         Kind::Array(item) | Kind::Map(item) => index_tables(item, indexes),
@@ -421,6 +620,14 @@ impl FieldIndex {
             }
             slot = (slot + 1) & self.mask;
         }
+    }
+}
+
+/// The position of `key` in `fields`, through `index` when the table has one.
+fn find(fields: &[Field], index: Option<&FieldIndex>, key: &str) -> Option<usize> {
+    match index {
+        Some(index) => index.find(fields, key),
+        None => fields.binary_search_by(|f| f.name.cmp(key)).ok(),
     }
 }
 
@@ -468,16 +675,103 @@ impl fmt::Display for Problem {
     }
 }
 
-struct Ctx<'de> {
+struct Ctx<'r, 'de> {
     policy: DriftPolicy,
-    event_id: [Option<Cow<'de, str>>; 2],
-    incident_id: Option<Cow<'de, str>>,
+    events: &'r EventTypes,
+    /// The payload's kind, once `event_type` is read (or an earlier pass read it).
+    kind: Option<EventKind>,
+    /// `event_type`, as read.
+    event_type: Option<Cow<'de, str>>,
+    /// The ids kept, by [`Id`].
+    kept: [Option<Cow<'de, str>>; IDS],
+    /// Whether `incident` / `alert` (by [`EventKind`]) was set and passed.
+    present: [bool; 2],
     person: bool,
     drift: Vec<(usize, String)>,
     problem: Option<Problem>,
 }
 
-impl Ctx<'_> {
+impl<'de> Ctx<'_, 'de> {
+    /// What a walk that reached the end learnt, if the payload had all it needs.
+    fn finish(self) -> Result<Validated<'de>, PayloadError> {
+        // `event_type` is a required field: a walk that ended well has read it.
+        let kind = self.kind.unwrap_or(EventKind::Incident);
+        if !self.present[kind as usize] {
+            return Err(PayloadError::Invalid(format!(
+                "{}: required field is missing",
+                kind.object()
+            )));
+        }
+        let [top, legacy, incident, alert, alert_incident] = self.kept;
+        let event_id = checked_event_id(top.or(legacy))?;
+        let incident_id = match kind {
+            EventKind::Incident => incident,
+            EventKind::Alert => {
+                alert_incident.or_else(|| alert.map(|id| Cow::Owned(format!("alert:{id}"))))
+            }
+        };
+        Ok(Validated {
+            event_id,
+            kind,
+            // Required of the kind's object: a payload that passed has it.
+            incident_id: incident_id.unwrap_or_default(),
+            person: self.person,
+            drift: self.drift,
+        })
+    }
+
+    /// Reads `event_type`; an error with no problem recorded stops the walk for a type the
+    /// action does not take.
+    fn event_type<E: de::Error>(&mut self, value: Cow<'de, str>) -> Result<(), E> {
+        let Some(kind) = EventKind::of(&value) else {
+            return Err(self.fail(format!(
+                "expected a Flashduty event type (i_… for an incident, a_… for an alert), \
+                 got {value:?}"
+            )));
+        };
+        self.kind = Some(kind);
+        let wanted = self.events.wants(&value);
+        // A type the operator named is known to them; one taken through a wildcard that
+        // Flashduty does not document is news.
+        let documented = kind.is_documented(&value) || self.events.names(&value);
+        self.event_type = Some(value);
+        if !wanted {
+            return Err(E::custom("event type not taken"));
+        }
+        if !documented {
+            let value = self.event_type.as_deref().unwrap_or_default().to_string();
+            self.drifted(EVENT_TYPE_DRIFT, value, || {
+                let known: Vec<&str> = match kind {
+                    EventKind::Incident => INCIDENT_TYPES.to_vec(),
+                    EventKind::Alert => ALERT_TYPES.to_vec(),
+                };
+                known.join(", ")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// An undocumented value: counted, or refused under `schema_drift: reject`.
+    fn drifted<E: de::Error>(
+        &mut self,
+        field: usize,
+        value: String,
+        known: impl FnOnce() -> String,
+    ) -> Result<(), E> {
+        match self.policy {
+            DriftPolicy::Accept => {
+                self.drift.push((field, value));
+                Ok(())
+            }
+            DriftPolicy::Reject => Err(self.fail(format!(
+                "unknown value {value:?} (expected one of {})",
+                known()
+            ))),
+        }
+    }
+}
+
+impl Ctx<'_, '_> {
     fn fail<E: de::Error>(&mut self, message: String) -> E {
         self.problem = Some(Problem {
             reversed_path: Vec::new(),
@@ -500,25 +794,38 @@ impl Ctx<'_> {
     }
 }
 
-struct Seed<'c, 'de> {
+struct Seed<'c, 'r, 'de> {
     kind: &'static Kind,
     need: Need,
-    ctx: &'c mut Ctx<'de>,
+    ctx: &'c mut Ctx<'r, 'de>,
 }
 
-impl<'de> DeserializeSeed<'de> for Seed<'_, 'de> {
+impl<'de> DeserializeSeed<'de> for Seed<'_, '_, 'de> {
     type Value = ();
 
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        if matches!(self.kind, Kind::Any) {
-            deserializer.deserialize_ignored_any(IgnoredAny)?;
-            return Ok(());
+    fn deserialize<D: Deserializer<'de>>(mut self, deserializer: D) -> Result<(), D::Error> {
+        match self.kind {
+            Kind::Any => {
+                deserializer.deserialize_ignored_any(IgnoredAny)?;
+                return Ok(());
+            }
+            Kind::Subject { kind, .. } => match self.ctx.kind {
+                // The object of the other kind: an unknown field.
+                Some(known) if known != *kind => {
+                    deserializer.deserialize_ignored_any(IgnoredAny)?;
+                    return Ok(());
+                }
+                Some(_) => self.need = Need::Required,
+                // The type comes later: checked now, required (or not) at the end.
+                None => self.need = Need::Optional,
+            },
+            _ => {}
         }
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Seed<'_, 'de> {
+impl<'de> Seed<'_, '_, 'de> {
     /// A value of the wrong JSON type: fine only as an "unset" optional value.
     fn mismatch<E: de::Error>(self, got: &str, is_empty: bool) -> Result<(), E> {
         if self.need == Need::Optional && is_empty {
@@ -531,40 +838,27 @@ impl<'de> Seed<'_, 'de> {
     fn string<E: de::Error>(self, value: Cow<'de, str>) -> Result<(), E> {
         match self.kind {
             Kind::Str => Ok(()),
-            Kind::IncidentId if value.is_empty() => Err(self.ctx.fail("must not be empty".into())),
-            Kind::IncidentId if value.len() > MAX_INCIDENT_ID => Err(self
+            Kind::Kept(_) if value.is_empty() => match self.need {
+                Need::Required => Err(self.ctx.fail("must not be empty".into())),
+                Need::Optional => Ok(()),
+            },
+            // An event id's length is checked at the end, wherever it came from.
+            Kind::Kept(id) if !id.is_event() && value.len() > MAX_INCIDENT_ID => Err(self
                 .ctx
                 .fail(format!("longer than {MAX_INCIDENT_ID} bytes"))),
-            Kind::IncidentId => {
-                self.ctx.incident_id = Some(value);
+            Kind::Kept(id) => {
+                self.ctx.kept[*id as usize] = Some(value);
                 Ok(())
             }
-            Kind::EventType if value == "i_custom" => Ok(()),
-            Kind::EventType => Err(self.ctx.fail(format!(
-                "expected \"i_custom\" (a custom action), got {value:?}"
-            ))),
-            Kind::EventId(slot) => {
-                if !value.is_empty() {
-                    self.ctx.event_id[*slot] = Some(value);
-                }
-                Ok(())
-            }
+            Kind::EventType => self.ctx.event_type(value),
             Kind::Enum(field, known) => {
                 if known.contains(&value.as_ref())
                     || (value.is_empty() && self.need == Need::Optional)
                 {
                     return Ok(());
                 }
-                match self.ctx.policy {
-                    DriftPolicy::Accept => {
-                        self.ctx.drift.push((*field, value.into_owned()));
-                        Ok(())
-                    }
-                    DriftPolicy::Reject => Err(self.ctx.fail(format!(
-                        "unknown value {value:?} (expected one of {})",
-                        known.join(", ")
-                    ))),
-                }
+                self.ctx
+                    .drifted(*field, value.into_owned(), || known.join(", "))
             }
             _ => {
                 let empty = value.is_empty();
@@ -582,7 +876,7 @@ impl<'de> Seed<'_, 'de> {
     }
 }
 
-impl<'de> Visitor<'de> for Seed<'_, 'de> {
+impl<'de> Visitor<'de> for Seed<'_, '_, 'de> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -618,19 +912,14 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         // Only strings with escapes arrive here; copy just the one we keep.
         let value = match self.kind {
-            Kind::EventId(_) | Kind::IncidentId | Kind::Enum(..) | Kind::EventType => {
-                Cow::Owned(v.to_string())
-            }
+            Kind::Kept(_) | Kind::Enum(..) | Kind::EventType => Cow::Owned(v.to_string()),
             _ => Cow::Borrowed(if v.is_empty() { "" } else { "x" }),
         };
         self.string(value)
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        match self.kind {
-            Kind::EventId(_) => Ok(()),
-            _ => self.mismatch("null", true),
-        }
+        self.mismatch("null", true)
     }
 
     fn visit_none<E: de::Error>(self) -> Result<(), E> {
@@ -661,28 +950,37 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let fields = match self.kind {
-            Kind::Object(fields) => Some(*fields),
-            Kind::Person => Some(PERSON),
-            _ => None,
+        let (fields, base, subject) = match self.kind {
+            Kind::Object(fields) => (Some(*fields), &[][..], None),
+            Kind::Person => (Some(PERSON), &[][..], None),
+            Kind::Subject { kind, fields, base } => (Some(*fields), *base, Some(*kind)),
+            _ => (None, &[][..], None),
         };
         match (self.kind, fields) {
             (_, Some(fields)) => {
                 let mut seen: u64 = 0;
                 let mut entries = 0usize;
                 let index = FieldIndex::of(fields);
+                let base_index = if base.is_empty() {
+                    None
+                } else {
+                    FieldIndex::of(base)
+                };
                 while let Some(key) = map.next_key_seed(KeySeed)? {
                     entries += 1;
-                    let found = match index {
-                        Some(index) => index.find(fields, &key),
-                        None => fields.binary_search_by(|f| f.name.cmp(key.as_ref())).ok(),
+                    let field = match find(fields, index, &key) {
+                        Some(at) => {
+                            seen |= 1 << at;
+                            &fields[at]
+                        }
+                        None => match find(base, base_index, &key) {
+                            Some(at) => &base[at],
+                            None => {
+                                map.next_value::<IgnoredAny>()?;
+                                continue;
+                            }
+                        },
                     };
-                    let Some(at) = found else {
-                        map.next_value::<IgnoredAny>()?;
-                        continue;
-                    };
-                    let field = &fields[at];
-                    seen |= 1 << at;
                     let seed = Seed {
                         kind: &field.kind,
                         need: field.need,
@@ -694,14 +992,17 @@ impl<'de> Visitor<'de> for Seed<'_, 'de> {
                 if entries == 0 && self.need == Need::Optional {
                     return Ok(());
                 }
-                if matches!(self.kind, Kind::Person) {
-                    self.ctx.person = true;
-                }
                 for (at, field) in fields.iter().enumerate() {
                     if field.need == Need::Required && seen & (1 << at) == 0 {
                         let error = self.ctx.fail("required field is missing".into());
                         return self.ctx.wrap(Err(error), || Segment::Field(field.name));
                     }
+                }
+                if matches!(self.kind, Kind::Person) {
+                    self.ctx.person = true;
+                }
+                if let Some(kind) = subject {
+                    self.ctx.present[kind as usize] = true;
                 }
                 Ok(())
             }

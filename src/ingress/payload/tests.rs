@@ -13,12 +13,74 @@ fn invalid(name: &str) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(path).unwrap()
+}
+
+/// Every type Flashduty sends, as an action with `events: [i_*, a_*]` takes them.
+fn every_type() -> EventTypes {
+    EventTypes::parse(&["i_*".into(), "a_*".into()]).unwrap().0
+}
+
+fn check(body: &[u8], policy: DriftPolicy) -> Result<Validated<'_>, PayloadError> {
+    check_for(body, policy, &every_type())
+}
+
+fn check_for<'a>(
+    body: &'a [u8],
+    policy: DriftPolicy,
+    events: &EventTypes,
+) -> Result<Validated<'a>, PayloadError> {
+    match validate(body, policy, events)? {
+        Verdict::Valid(valid) => Ok(valid),
+        Verdict::Unwanted { event_type, .. } => panic!("{event_type} unwanted"),
+    }
+}
+
 fn accept(body: &[u8]) -> Validated<'_> {
-    validate(body, DriftPolicy::Accept).unwrap_or_else(|e| panic!("{e:?}"))
+    check(body, DriftPolicy::Accept).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 fn refuse(body: &[u8]) -> PayloadError {
-    validate(body, DriftPolicy::Accept).unwrap_err()
+    check(body, DriftPolicy::Accept).unwrap_err()
+}
+
+/// What an action taking only `events` makes of `body`: `Ok(event_id)` for an unwanted type.
+fn unwanted(body: &[u8], events: &[&str]) -> Result<String, PayloadError> {
+    let events = EventTypes::parse(&events.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        .unwrap()
+        .0;
+    match validate(body, DriftPolicy::Reject, &events)? {
+        Verdict::Unwanted { event_id, .. } => Ok(event_id.into_owned()),
+        Verdict::Valid(valid) => panic!("{:?} wanted", valid.event_id),
+    }
+}
+
+/// `doc` with the JSON literal `value` at the `/`-separated `pointer` (created if absent).
+fn with(body: &[u8], pointer: &str, value: &str) -> Vec<u8> {
+    let mut doc: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let target = if parent.is_empty() {
+        &mut doc
+    } else {
+        doc.pointer_mut(parent).unwrap()
+    };
+    target[key] = serde_json::from_str(value).unwrap();
+    serde_json::to_vec(&doc).unwrap()
+}
+
+/// `doc` without the field at `pointer`.
+fn without(body: &[u8], pointer: &str) -> Vec<u8> {
+    let mut doc: serde_json::Value = serde_json::from_slice(body).unwrap();
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let target = if parent.is_empty() {
+        &mut doc
+    } else {
+        doc.pointer_mut(parent).unwrap()
+    };
+    target.as_object_mut().unwrap().remove(key);
+    serde_json::to_vec(&doc).unwrap()
 }
 
 /// The full fixture with `incident.<field>` replaced by `value` (a JSON literal).
@@ -37,6 +99,8 @@ fn schema_tables_are_sorted_and_fit_the_seen_mask() {
         IMAGE,
         ASSIGNED_TO,
         ALERT,
+        ALERT_EVENT,
+        ALERT_INCIDENT,
         INCIDENT,
     ] {
         assert!(table.len() <= 64);
@@ -76,13 +140,19 @@ fn every_object_of_the_schema_is_indexed_and_its_index_finds_each_field_alone() 
                 }
                 *checked += 1;
             }
+            Kind::Subject { fields, base, .. } => {
+                check(&Kind::Object(fields), checked);
+                if !base.is_empty() {
+                    check(&Kind::Object(base), checked);
+                }
+            }
             Kind::Array(item) | Kind::Map(item) => check(item, checked),
             _ => {}
         }
     }
     let mut checked = 0;
     check(&ENVELOPE, &mut checked);
-    assert!(checked >= 9, "{checked}");
+    assert!(checked >= 11, "{checked}");
 }
 
 #[test]
@@ -108,7 +178,7 @@ fn unknown_fields_are_accepted_and_new_enum_values_are_drift() {
 
 #[test]
 fn drift_is_rejected_when_the_policy_says_so() {
-    let err = validate(UNKNOWN, DriftPolicy::Reject).unwrap_err();
+    let err = check(UNKNOWN, DriftPolicy::Reject).unwrap_err();
     assert_eq!(
         err,
         PayloadError::Invalid(
@@ -147,9 +217,15 @@ fn each_invalid_fixture_is_refused_with_its_field_path() {
         ("missing_incident", "incident: required field is missing"),
         ("not_an_object", "payload: expected an object, got an array"),
         (
-            "wrong_event_type",
-            "event_type: expected \"i_custom\" (a custom action), got \"i_new\"",
+            "event_type_not_flashduty",
+            "event_type: expected a Flashduty event type (i_… for an incident, a_… for an \
+             alert), got \"incident.created\"",
         ),
+        (
+            "alert_id_missing",
+            "alert.alert_id: required field is missing",
+        ),
+        ("alert_missing", "alert: required field is missing"),
     ];
     for (name, message) in cases {
         assert_eq!(
@@ -202,7 +278,7 @@ fn unset_optional_fields_may_be_null_zero_empty_or_empty_containers() {
         ] {
             let body = with_incident_field(field, value);
             assert!(
-                validate(&body, DriftPolicy::Reject).is_ok(),
+                check(&body, DriftPolicy::Reject).is_ok(),
                 "{field} = {value}"
             );
         }
@@ -271,7 +347,7 @@ fn documented_types_are_enforced_with_paths() {
 #[test]
 fn custom_fields_accept_any_json_type() {
     let body = with_incident_field("fields", r#"{"a": [1, {"b": null}], "c": 1.5, "d": "x"}"#);
-    assert!(validate(&body, DriftPolicy::Reject).is_ok());
+    assert!(check(&body, DriftPolicy::Reject).is_ok());
 }
 
 #[test]
@@ -307,4 +383,220 @@ fn incident_ids_are_kept_and_oversized_ones_refused() {
         !accept(&serde_json::to_vec(&doc).unwrap()).person,
         "{{}} is not set"
     );
+}
+
+#[test]
+fn incident_and_alert_webhooks_are_taken_by_their_shape() {
+    for (name, kind, incident_id) in [
+        (
+            "incident_new",
+            EventKind::Incident,
+            "692701aa3c5e8f0012ab77c1",
+        ),
+        (
+            "incident_ack",
+            EventKind::Incident,
+            "692701aa3c5e8f0012ab77c1",
+        ),
+        (
+            "incident_resolved",
+            EventKind::Incident,
+            "692701aa3c5e8f0012ab77c1",
+        ),
+        // An alert that belongs to no incident yet is about itself; guards key on that.
+        (
+            "alert_new",
+            EventKind::Alert,
+            "alert:692701a03c5e8f0012ab77b0",
+        ),
+        ("alert_closed", EventKind::Alert, "692701aa3c5e8f0012ab77c1"),
+    ] {
+        let body = fixture(name);
+        let valid = check(&body, DriftPolicy::Reject).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(valid.kind, kind, "{name}");
+        assert_eq!(valid.incident_id, incident_id, "{name}");
+        assert!(valid.drift.is_empty(), "{name}");
+    }
+    assert!(!accept(&fixture("incident_new")).person);
+    assert!(accept(&fixture("incident_ack")).person);
+}
+
+#[test]
+fn an_alert_is_checked_with_the_alert_shape_and_its_own_drift_labels() {
+    let alert = fixture("alert_new");
+    let cases = [
+        (
+            "/alert/title",
+            "5",
+            "alert.title: expected a string, got a number",
+        ),
+        (
+            "/alert/alert_id",
+            "\"\"",
+            "alert.alert_id: must not be empty",
+        ),
+        (
+            "/alert/labels",
+            "{\"a\": 1}",
+            "alert.labels.a: expected a string, got a number",
+        ),
+        (
+            "/alert/event_cnt",
+            "\"4\"",
+            "alert.event_cnt: expected an integer, got a string",
+        ),
+        (
+            "/alert/incident",
+            "[1]",
+            "alert.incident: expected an object, got an array",
+        ),
+        (
+            "/alert/incident/incident_id",
+            "7",
+            "alert.incident.incident_id: expected a non-empty string, got a number",
+        ),
+        ("/alert", "null", "alert: expected an object, got null"),
+    ];
+    for (pointer, value, message) in cases {
+        let alert = if pointer.starts_with("/alert/incident/") {
+            with(&alert, "/alert/incident", "{}")
+        } else {
+            alert.clone()
+        };
+        let body = with(&alert, pointer, value);
+        assert_eq!(
+            refuse(&body),
+            PayloadError::Invalid(message.into()),
+            "{pointer} = {value}"
+        );
+    }
+    let drift = with(&alert, "/alert/alert_severity", "\"Fatal\"");
+    assert_eq!(accept(&drift).drift, vec![(10, "Fatal".to_string())]);
+    assert_eq!(DRIFT_FIELDS[10], "alert.alert_severity");
+    assert_eq!(
+        check(&drift, DriftPolicy::Reject).unwrap_err(),
+        PayloadError::Invalid(
+            "alert.alert_severity: unknown value \"Fatal\" (expected one of Critical, Warning, Info)"
+                .into()
+        )
+    );
+    // Unknown fields anywhere, an empty incident, and a long incident id are refused only
+    // where they break the contract.
+    let extra = with(&alert, "/alert/incident", "{}");
+    assert_eq!(accept(&extra).incident_id, "alert:692701a03c5e8f0012ab77b0");
+    let extra = with(
+        &with(&alert, "/alert/new_field", "[1]"),
+        "/alert/incident",
+        "{\"x\": 1}",
+    );
+    assert!(check(&extra, DriftPolicy::Reject).is_ok());
+}
+
+#[test]
+fn the_object_of_the_other_kind_is_an_unknown_field_wherever_the_type_stands() {
+    // An incident event with a malformed `alert`, and an alert event with a malformed
+    // `incident`: the type comes first, or last (one more pass, on the refusal path only).
+    let incident = fixture("incident_new");
+    let alert = fixture("alert_new");
+    for body in [
+        with(&incident, "/alert", "[1, 2]"),
+        with(&alert, "/incident", "\"x\""),
+    ] {
+        assert!(check(&body, DriftPolicy::Reject).is_ok());
+        let mut doc: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&body).unwrap();
+        let event_type = doc.remove("event_type").unwrap();
+        doc.insert("event_type".into(), event_type);
+        let last = serde_json::to_vec(&doc).unwrap();
+        assert!(String::from_utf8_lossy(&last).ends_with(r#"_new"}"#));
+        assert!(check(&last, DriftPolicy::Reject).is_ok());
+    }
+    // The object of the right kind is required whatever else is there.
+    let swapped = with(
+        &without(&alert, "/alert"),
+        "/incident",
+        "{\"incident_id\": \"x\"}",
+    );
+    assert_eq!(
+        refuse(&swapped),
+        PayloadError::Invalid("alert: required field is missing".into())
+    );
+    // When the type comes last, a real problem in the right object is still named.
+    let mut doc: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&with(&alert, "/alert/title", "1")).unwrap();
+    let event_type = doc.remove("event_type").unwrap();
+    doc.insert("event_type".into(), event_type);
+    assert_eq!(
+        refuse(&serde_json::to_vec(&doc).unwrap()),
+        PayloadError::Invalid("alert.title: expected a string, got a number".into())
+    );
+}
+
+#[test]
+fn types_flashduty_adds_later_are_drift_under_a_wildcard() {
+    let later = with(&fixture("incident_new"), "/event_type", "\"i_r_labels\"");
+    assert_eq!(accept(&later).drift, vec![(9, "i_r_labels".to_string())]);
+    assert_eq!(DRIFT_FIELDS[9], "event_type");
+    assert!(matches!(
+        check(&later, DriftPolicy::Reject),
+        Err(PayloadError::Invalid(m)) if m.starts_with("event_type: unknown value \"i_r_labels\" (expected one of i_new, ")
+    ));
+    // Named one by one, an undocumented type is the operator's own choice: no drift.
+    let named = EventTypes::parse(&["i_r_labels".into()]).unwrap().0;
+    assert!(check_for(&later, DriftPolicy::Reject, &named)
+        .unwrap()
+        .drift
+        .is_empty());
+}
+
+#[test]
+fn a_type_the_action_does_not_take_is_unwanted_whatever_the_rest_holds() {
+    let new = fixture("incident_new");
+    let id = "6e1f0a2b3c4d5e6f708192a3b4c5d6e7";
+    assert_eq!(unwanted(&new, &["i_custom"]).unwrap(), id);
+    assert_eq!(
+        unwanted(&fixture("alert_new"), &["i_*"]).unwrap(),
+        "9b4c3d5e6f708192a3b4c5d6e7f8091a"
+    );
+    // Not checked past the envelope: a broken incident does not turn an unwanted push into a
+    // failure Flashduty would see, whether the type comes before the problem or after it.
+    let broken = with(&new, "/incident/title", "5");
+    assert_eq!(unwanted(&broken, &["i_custom"]).unwrap(), id);
+    let no_incident = without(&new, "/incident");
+    assert_eq!(unwanted(&no_incident, &["a_new"]).unwrap(), id);
+    let mut doc: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&broken).unwrap();
+    let event_type = doc.remove("event_type").unwrap();
+    doc.insert("event_type".into(), event_type);
+    let event_id = doc.remove("event_id").unwrap();
+    doc.insert("event_id".into(), event_id);
+    assert_eq!(
+        unwanted(&serde_json::to_vec(&doc).unwrap(), &["i_custom"]).unwrap(),
+        id
+    );
+    // The legacy event id counts too.
+    let legacy = with(
+        &without(&new, "/event_id"),
+        "/incident/event_id",
+        "\"legacy-1\"",
+    );
+    assert_eq!(unwanted(&legacy, &["i_custom"]).unwrap(), "legacy-1");
+    // Still refused: no event id to answer with, a body that is not JSON, a type that is no
+    // Flashduty type at all.
+    assert_eq!(
+        unwanted(&without(&new, "/event_id"), &["i_custom"]).unwrap_err(),
+        PayloadError::Invalid(
+            "event_id: required, a non-empty string (at event_id, or incident.event_id)".into()
+        )
+    );
+    let mut truncated = new.clone();
+    truncated.truncate(new.len() / 2);
+    assert!(matches!(
+        unwanted(&truncated, &["i_custom"]),
+        Err(PayloadError::NotJson(_))
+    ));
+    assert!(matches!(
+        unwanted(&with(&new, "/event_type", "\"new\""), &["i_custom"]),
+        Err(PayloadError::Invalid(m)) if m.starts_with("event_type: expected a Flashduty event type")
+    ));
 }
