@@ -246,6 +246,7 @@ pub(super) fn validate_report(
             value_mapping: ValueMapping::default(),
             tls_verify: true,
             ca_file: None,
+            order_window: None,
         },
     })
 }

@@ -205,6 +205,8 @@ pub struct Upstream {
     pub tls_verify: bool,
     /// Extra CA certificates (PEM) to trust for this upstream.
     pub ca_file: Option<PathBuf>,
+    /// `order: event_time`: the window a delivery waits for earlier events of its incident.
+    pub order_window: Option<Duration>,
 }
 
 /// A configured header value: fixed, or a template rendered per event.
@@ -706,6 +708,21 @@ fn validate(raw: RawConfig, check: &mut Check) -> Option<Config> {
             actions.push(action);
         }
     }
+    if postgres.is_some() {
+        // Each instance claims deliveries on its own: no one of them sees an incident's
+        // events together, so none could hold them in order.
+        for (i, action) in actions.iter().enumerate() {
+            for (j, upstream) in action.upstreams.iter().enumerate() {
+                if upstream.order_window.is_some() {
+                    check.fail(
+                        format!("actions[{i}].upstreams[{j}].order"),
+                        "needs the local spool: in cluster mode (spool.postgres) instances \
+                         claim deliveries independently",
+                    );
+                }
+            }
+        }
+    }
 
     Some(Config {
         server,
@@ -964,6 +981,7 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
             Err(why) => check.fail(format!("{at}.value_mapping"), why),
         }
     }
+    let order_window = validate_order(at, u, check);
     let ca_file = u
         .ca_file
         .as_ref()
@@ -994,7 +1012,43 @@ fn validate_upstream(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Ups
         value_mapping,
         tls_verify: u.tls_verify.unwrap_or(true),
         ca_file,
+        order_window,
     })
+}
+
+/// `order_window` when it is not set.
+pub const DEFAULT_ORDER_WINDOW: Duration = Duration::from_secs(2);
+/// The longest `order_window`: every delivery of the upstream may wait that long.
+const MAX_ORDER_WINDOW: Duration = Duration::from_secs(60);
+
+/// An upstream's `order` and `order_window`: the window when deliveries are ordered.
+fn validate_order(at: &str, u: &RawUpstream, check: &mut Check) -> Option<Duration> {
+    match u.order.as_deref() {
+        None => {
+            if u.order_window.is_some() {
+                check.fail(
+                    format!("{at}.order_window"),
+                    "has no effect without order: event_time",
+                );
+            }
+            None
+        }
+        Some("event_time") => {
+            let path = format!("{at}.order_window");
+            let window = check.duration(&path, u.order_window.as_deref(), DEFAULT_ORDER_WINDOW);
+            if window.is_zero() || window > MAX_ORDER_WINDOW {
+                check.fail(&path, "must be more than 0 and at most 1m");
+            }
+            Some(window)
+        }
+        Some(other) => {
+            check.fail(
+                format!("{at}.order"),
+                format!("{other:?} is not an order (the one there is: event_time)"),
+            );
+            None
+        }
+    }
 }
 
 /// An upstream's method: one an HTTP service can be expected to route. `Method::from_bytes`

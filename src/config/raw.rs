@@ -221,6 +221,10 @@ pub struct RawUpstream {
     pub tls_verify: Option<bool>,
     /// Extra CA bundle (PEM) for this upstream.
     pub ca_file: Option<String>,
+    /// `event_time`: deliveries of one incident leave in event_time order [none].
+    pub order: Option<String>,
+    /// With `order`, how long a delivery waits for an earlier event of its incident [2s].
+    pub order_window: Option<DurationText>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

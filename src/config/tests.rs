@@ -300,3 +300,53 @@ fn events_default_to_custom_actions_and_bad_types_are_named() {
         ["actions[0].events: \"a_nwe\" is not one of Flashduty's documented event types; did you mean a_new?"]
     );
 }
+
+#[test]
+fn order_takes_event_time_and_a_bounded_window() {
+    let with = |lines: &str| {
+        MINIMAL.replace(
+            "        url: \"http://127.0.0.1:8000/restart\"\n",
+            &format!("        url: \"http://127.0.0.1:8000/restart\"\n{lines}"),
+        )
+    };
+    assert_eq!(
+        load(MINIMAL).unwrap().actions[0].upstreams[0].order_window,
+        None
+    );
+    let c = load(&with("        order: event_time\n")).unwrap();
+    assert_eq!(
+        c.actions[0].upstreams[0].order_window,
+        Some(Duration::from_secs(2))
+    );
+    let c = load(&with(
+        "        order: event_time\n        order_window: 500ms\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.actions[0].upstreams[0].order_window,
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        problems(&with("        order: arrival\n")),
+        ["actions[0].upstreams[0].order: \"arrival\" is not an order (the one there is: event_time)"]
+    );
+    assert_eq!(
+        problems(&with("        order_window: 1s\n")),
+        ["actions[0].upstreams[0].order_window: has no effect without order: event_time"]
+    );
+    assert_eq!(
+        problems(&with(
+            "        order: event_time\n        order_window: 5m\n"
+        )),
+        ["actions[0].upstreams[0].order_window: must be more than 0 and at most 1m"]
+    );
+    let cluster = with("        order: event_time\n").replace(
+        "actions:",
+        "spool: {postgres: {url: \"postgresql://a@127.0.0.1:1/db\"}}\nactions:",
+    );
+    assert_eq!(
+        problems(&cluster),
+        ["actions[0].upstreams[0].order: needs the local spool: in cluster mode (spool.postgres) \
+          instances claim deliveries independently"]
+    );
+}

@@ -18,6 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+use super::order::{Order, Place, Wait};
 use super::projection::Projection;
 use super::report::{self, Facts, Pace};
 use super::retry::{AttemptOutcome, Decision};
@@ -102,6 +103,8 @@ struct Lane {
     stopped: AtomicBool,
     /// Start no attempt: the deliveries of a lane of the same name are being dead-lettered.
     held: AtomicBool,
+    /// `order: event_time`: the lane's pending deliveries it has seen, by incident.
+    order: Mutex<Option<Order>>,
     metrics: UpstreamMetrics,
 }
 
@@ -203,12 +206,14 @@ impl Dispatcher {
             let key = lane_key(&action, &upstream);
             configured.insert(key.clone());
             if let Some(lane) = lanes.get(&key) {
+                lane.set_order(conf.upstream.order_window);
                 lane.conf.store(Arc::new(conf));
                 lane.retired.store(false, Ordering::Release);
                 lane.changed.notify_waiters();
                 continue;
             }
             let lane = Arc::new(Lane {
+                order: Mutex::new(conf.upstream.order_window.map(|w| Order::new(millis(w)))),
                 key: key.clone(),
                 metrics: self.metrics.for_upstream(&action, &upstream),
                 action,
@@ -473,14 +478,32 @@ async fn run_lane(lane: Arc<Lane>, store: Store, lifecycle: Arc<Lifecycle>, pace
         let now = now_ms();
         // What is in flight, read once per pass; ids started below are added to it.
         let mut skip = lane.in_flight_ids();
-        let free = lane.free(skip.len());
+        let mut running = skip.len();
+        // An ordered lane's deliveries that may not leave yet are skipped too.
+        let mut release = None;
+        if let Some((held, next)) = lane.order_waiting(now) {
+            skip.extend(held);
+            release = next;
+        }
+        let mut learnt = false;
+        let free = lane.free(running);
         if free > 0 {
             let timeout = lane.conf.load().upstream.timeout;
             match store.due(&lane.key, now, free, &skip, timeout).await {
                 Ok(ids) => {
                     for id in ids {
-                        lane.mark_in_flight(id);
                         skip.insert(id);
+                        if let Err(wait) = lane.order_check(&store, id, now).await {
+                            // Held: in cluster mode its claim goes back until it may leave.
+                            store.release(id);
+                            learnt = true;
+                            if let Wait::Until(at) = wait {
+                                release = Some(release.map_or(at, |r: u64| r.min(at)));
+                            }
+                            continue;
+                        }
+                        lane.mark_in_flight(id);
+                        running += 1;
                         tokio::spawn(attempt_task(
                             lane.clone(),
                             store.clone(),
@@ -497,14 +520,22 @@ async fn run_lane(lane: Arc<Lane>, store: Store, lifecycle: Arc<Lifecycle>, pace
                 }
             }
         }
+        if learnt {
+            // Deliveries just found held are skipped from now on: look again at once for
+            // others that may leave.
+            continue;
+        }
 
-        // Sleep until the next delivery is due, new work arrives, or an attempt finishes.
-        let wait = if lane.free(skip.len()) > 0 {
+        // Sleep until the next delivery is due or released, new work arrives, or an attempt
+        // finishes.
+        let wait = if lane.free(running) > 0 {
             match store.next_due_ms(&lane.key, &skip).await {
-                Ok(Some(due)) => {
-                    Duration::from_millis(due.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
-                }
-                Ok(None) => IDLE_POLL,
+                Ok(due) => match due.into_iter().chain(release).min() {
+                    Some(at) => {
+                        Duration::from_millis(at.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
+                    }
+                    None => IDLE_POLL,
+                },
                 Err(_) => ERROR_PAUSE,
             }
         } else {
@@ -552,6 +583,63 @@ impl Lane {
         }
     }
 
+    /// Takes `order_window` from a (re)loaded config: ordering starts, stops, or keeps what it
+    /// has learnt with the new window.
+    fn set_order(&self, window: Option<Duration>) {
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        match (order.as_mut(), window) {
+            (Some(order), Some(window)) => order.set_window(millis(window)),
+            (None, Some(window)) => *order = Some(Order::new(millis(window))),
+            (_, None) => *order = None,
+        }
+    }
+
+    /// For an ordered lane, its deliveries that may not leave at `now`, and when the clock
+    /// next releases one.
+    fn order_waiting(&self, now: u64) -> Option<(IdSet, Option<u64>)> {
+        let order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        order.as_ref().map(|order| order.waiting(now))
+    }
+
+    /// Whether due delivery `id` may leave now; an ordered lane reads the event of one it has
+    /// not seen yet to learn its place. A delivery whose place cannot be read is not held.
+    async fn order_check(&self, store: &Store, id: u64, now: u64) -> Result<(), Wait> {
+        let known = match &*self.order.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => return Ok(()),
+            Some(order) => order.knows(id),
+        };
+        if !known {
+            let place = match store.load(id).await {
+                Ok(Some((record, raw))) => Place::of(&raw).map(|p| (p, record.accepted_ms)),
+                Ok(None) => None,
+                Err(e) => {
+                    log::warn!(
+                        "lane {}: cannot read delivery {id} to order it: {e}",
+                        self.key
+                    );
+                    None
+                }
+            };
+            let Some((place, accepted_ms)) = place else {
+                return Ok(());
+            };
+            let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(order) = order.as_mut() {
+                order.add(id, place, accepted_ms);
+            }
+        }
+        let order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        order.as_ref().map_or(Ok(()), |order| order.check(id, now))
+    }
+
+    /// Forgets a delivery that left the pending set, so that the next of its incident may go.
+    fn order_settled(&self, id: u64) {
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(order) = order.as_mut() {
+            order.settled(id);
+        }
+    }
+
     /// Waits until no attempt of this lane is running.
     async fn idle(&self) {
         wait_until(&self.changed, || self.in_flight_count() == 0).await;
@@ -566,24 +654,27 @@ async fn attempt_task(
     id: u64,
 ) {
     let in_flight = lifecycle.delivery();
-    deliver(&lane, &store, &pace, id).await;
+    if deliver(&lane, &store, &pace, id).await {
+        lane.order_settled(id);
+    }
     store.release(id);
     lane.clear_in_flight(id);
     drop(in_flight);
     lane.changed.notify_waiters();
 }
 
-/// One step for delivery `id`: skip it, or attempt it and record the result.
-async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
+/// One step for delivery `id`: skip it, or attempt it and record the result. True when the
+/// delivery is no longer pending (delivered, skipped, dead-lettered, or finished elsewhere).
+async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
     let conf = lane.conf.load_full();
     let upstream = &conf.upstream;
     let (record, raw) = match store.load(id).await {
         Ok(Some(found)) => found,
-        Ok(None) => return, // finished meanwhile (e.g. replayed and delivered)
+        Ok(None) => return true, // finished meanwhile (e.g. replayed and delivered)
         Err(e) => {
             log::error!("lane {}: cannot load delivery {id}: {e}", lane.key);
             tokio::time::sleep(ERROR_PAUSE).await;
-            return;
+            return false;
         }
     };
     let payload = if request::needs_payload(upstream) {
@@ -591,7 +682,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
             Ok(value) => Some(value),
             Err(e) => {
                 // Cannot happen for events the ingress validated; say so loudly if it does.
-                record_finish(
+                return record_finish(
                     lane,
                     store,
                     id,
@@ -606,7 +697,6 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
                     None,
                 )
                 .await;
-                return;
             }
         }
     } else {
@@ -622,7 +712,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
                 decision = "skipped";
                 "when did not match"
             );
-            record_finish(
+            return record_finish(
                 lane,
                 store,
                 id,
@@ -632,7 +722,6 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
                 None,
             )
             .await;
-            return;
         }
     }
 
@@ -666,7 +755,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
             lane.key
         );
         lane.metrics.claims_lost.inc();
-        return;
+        return false;
     }
     let started = Instant::now();
     let sent = match uri {
@@ -775,7 +864,12 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) {
         };
         report_of(plan, &record, &raw, &facts)
     });
-    record_finish(lane, store, id, finish, label, lag, report).await;
+    let settles = !matches!(finish, Finish::Retry { .. });
+    record_finish(lane, store, id, finish, label, lag, report).await && settles
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The report of an outcome, if the action reports it and the payload names an incident
@@ -811,7 +905,7 @@ async fn record_finish(
     outcome: DeliveryOutcome,
     lag_ms: Option<u64>,
     report: Option<NewEvent>,
-) {
+) -> bool {
     // The attempt was made: giving up on its result means making it again. So a result the
     // store could not take for a passing reason (the database down or failing over, a full
     // disk) is offered again, with backoff, for up to RECORD_FOR; in cluster mode only while
@@ -829,7 +923,7 @@ async fn record_finish(
                 if let Some(lag) = lag_ms {
                     lane.metrics.lag.observe(lag as f64 / 1000.0);
                 }
-                return;
+                return true;
             }
             Err(e)
                 if e.passes() && started.elapsed() + pause < RECORD_FOR && store.may_record(id) =>
@@ -847,7 +941,7 @@ async fn record_finish(
                     "lane {}: cannot record delivery {id} ({e}); it will be attempted again",
                     lane.key
                 );
-                return;
+                return false;
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod dispatcher;
+pub mod order;
 pub mod path;
 pub mod projection;
 pub mod report;
