@@ -175,9 +175,27 @@ actions:
     let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.starts_with(&format!("{}: not valid YAML: ", path.display())),
-        "{stderr}"
+    assert_eq!(
+        stderr,
+        format!(
+            "{}: not valid YAML: did not find expected ',' or ']' at line 2 column 1, while \
+             parsing a flow sequence at line 1 column 10\n",
+            path.display()
+        )
+    );
+    // And says where: the line and column of a key indented one space too far.
+    std::fs::write(
+        &path,
+        "listen: [{addr: \"127.0.0.1:8443\"}]\nactions:\n  - name: x\n    path: /x\n     upstreams: []\n",
+    )
+    .unwrap();
+    let out = actiongate(&["-c", path.to_str().unwrap(), "-t"]);
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "{}: not valid YAML: mapping values are not allowed in this context at line 5 column 15\n",
+            path.display()
+        )
     );
 }
 
@@ -675,7 +693,7 @@ async fn the_dashboard_and_alert_rules_query_only_metrics_the_binary_exports() {
         assert!(used.contains(needed), "the dashboard shows {needed}");
     }
 
-    let rules: serde_yaml::Value = serde_yaml::from_slice(
+    let rules: serde_norway::Value = serde_norway::from_slice(
         &std::fs::read(root().join("conf/prometheus/actiongate-alerts.yaml")).unwrap(),
     )
     .unwrap();

@@ -3,7 +3,7 @@
 //! Expansion happens on string values after YAML parsing (not on the raw text), so that a
 //! variable's value can never change the structure of the document.
 
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// Replaces `${NAME}` in every string of `value`; `$${` stands for a literal `${`.
 /// Returns one problem per missing or malformed variable, each with its key path.
@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn a_missing_variable_names_itself_and_its_key() {
-        let mut doc: Value = serde_yaml::from_str("a:\n  b: [x, \"${NOPE}\"]\n").unwrap();
+        let mut doc: Value = serde_norway::from_str("a:\n  b: [x, \"${NOPE}\"]\n").unwrap();
         assert_eq!(
             expand(&mut doc, &env),
             vec!["a.b[1]: environment variable NOPE is not set".to_string()]

@@ -265,7 +265,7 @@ impl Config {
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let mut doc: serde_yaml::Value = serde_yaml::from_str(text)
+        let mut doc: serde_norway::Value = serde_norway::from_str(text)
             .map_err(|e| ConfigErrors(vec![format!("{file}: not valid YAML: {e}")]))?;
         let problems = env::expand(&mut doc, env);
         if !problems.is_empty() {
@@ -338,7 +338,7 @@ const MAX_TYPE_PROBLEMS: usize = 50;
 /// Returns the config (`None` when a problem cannot be stepped over) and the paths stepped
 /// over, whose own validation problems would only repeat what was said.
 fn deserialize_all(
-    mut doc: serde_yaml::Value,
+    mut doc: serde_norway::Value,
     problems: &mut Vec<String>,
 ) -> (Option<RawConfig>, Vec<String>) {
     let mut removed: Vec<String> = Vec::new();
@@ -388,15 +388,17 @@ fn is_under(problem: &str, path: &str) -> bool {
 
 /// The node at `path`, if every step of it exists.
 fn node_mut<'d>(
-    doc: &'d mut serde_yaml::Value,
+    doc: &'d mut serde_norway::Value,
     path: &[serde_path_to_error::Segment],
-) -> Option<&'d mut serde_yaml::Value> {
+) -> Option<&'d mut serde_norway::Value> {
     use serde_path_to_error::Segment;
     let mut at = doc;
     for segment in path {
         at = match (segment, at) {
-            (Segment::Map { key }, serde_yaml::Value::Mapping(map)) => map.get_mut(key.as_str())?,
-            (Segment::Seq { index }, serde_yaml::Value::Sequence(items)) => {
+            (Segment::Map { key }, serde_norway::Value::Mapping(map)) => {
+                map.get_mut(key.as_str())?
+            }
+            (Segment::Seq { index }, serde_norway::Value::Sequence(items)) => {
                 items.get_mut(*index)?
             }
             _ => return None,
@@ -406,13 +408,13 @@ fn node_mut<'d>(
 }
 
 /// Removes the mapping key at `path`; false when `path` does not end in a key of a mapping.
-fn remove_key(doc: &mut serde_yaml::Value, path: &[serde_path_to_error::Segment]) -> bool {
+fn remove_key(doc: &mut serde_norway::Value, path: &[serde_path_to_error::Segment]) -> bool {
     use serde_path_to_error::Segment;
     let Some((Segment::Map { key }, parents)) = path.split_last() else {
         return false;
     };
     match node_mut(doc, parents) {
-        Some(serde_yaml::Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
+        Some(serde_norway::Value::Mapping(map)) => map.remove(key.as_str()).is_some(),
         _ => false,
     }
 }
@@ -421,7 +423,7 @@ fn remove_key(doc: &mut serde_yaml::Value, path: &[serde_path_to_error::Segment]
 /// list it is in), so that the elements after it keep their indices; false when `path` does
 /// not end in a list element.
 fn replace_with_stand_in(
-    doc: &mut serde_yaml::Value,
+    doc: &mut serde_norway::Value,
     path: &[serde_path_to_error::Segment],
 ) -> bool {
     use serde_path_to_error::Segment;
@@ -441,7 +443,7 @@ fn replace_with_stand_in(
         Some("listen") => "{addr: \"127.0.0.1:1\"}".to_string(),
         _ => "127.0.0.1/32".to_string(),
     };
-    let (Some(node), Ok(value)) = (node_mut(doc, path), serde_yaml::from_str(&stand_in)) else {
+    let (Some(node), Ok(value)) = (node_mut(doc, path), serde_norway::from_str(&stand_in)) else {
         return false;
     };
     *node = value;
@@ -1083,12 +1085,12 @@ pub fn parse_net(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{text:?} is not a CIDR or IP address (try 10.20.0.0/16)"))
 }
 
-fn size_value(value: &serde_yaml::Value) -> Result<u64, String> {
+fn size_value(value: &serde_norway::Value) -> Result<u64, String> {
     match value {
-        serde_yaml::Value::Number(n) => n
+        serde_norway::Value::Number(n) => n
             .as_u64()
             .ok_or_else(|| format!("{n} is not a size (try 65536, 64KiB, 1MiB)")),
-        serde_yaml::Value::String(text) => parse_size(text),
+        serde_norway::Value::String(text) => parse_size(text),
         other => Err(format!("{other:?} is not a size (try 65536, 64KiB, 1MiB)")),
     }
 }

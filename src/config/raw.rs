@@ -125,7 +125,7 @@ pub struct RawSpool {
     /// Directory of the store [./data].
     pub path: Option<String>,
     /// Size past which a log segment is sealed and a new one started [64MiB].
-    pub segment_size: Option<serde_yaml::Value>,
+    pub segment_size: Option<serde_norway::Value>,
     /// Cluster mode: a PostgreSQL database instead of `path`.
     pub postgres: Option<RawPostgres>,
 }
@@ -143,7 +143,7 @@ pub struct RawPostgres {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     /// Largest body, bytes or `64KiB`/`1MiB` [1MiB].
-    pub max_body: Option<serde_yaml::Value>,
+    pub max_body: Option<serde_norway::Value>,
     /// Deadline for the whole body [5s].
     pub read_timeout: Option<DurationText>,
     /// The whole request head must arrive within it, else the connection is closed [5s].
@@ -212,7 +212,7 @@ pub struct RawUpstream {
     /// In-flight attempts [32].
     pub concurrency: Option<usize>,
     /// Conditions on the payload; all must hold.
-    pub when: Option<serde_yaml::Mapping>,
+    pub when: Option<serde_norway::Mapping>,
     /// Body template [the payload as received].
     pub body: Option<String>,
     /// Per-path value replacement for templates.

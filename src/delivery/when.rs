@@ -12,7 +12,7 @@
 
 use regex::Regex;
 use serde_json::Value;
-use serde_yaml::Value as Yaml;
+use serde_norway::Value as Yaml;
 
 use super::path::FieldPath;
 
@@ -33,7 +33,7 @@ enum Condition {
 impl When {
     /// Compiles the YAML map of a `when` key; regexes are compiled here, once. Every bad
     /// entry is reported, each on a line of its own starting with its field path.
-    pub fn compile(map: &serde_yaml::Mapping) -> Result<When, Vec<String>> {
+    pub fn compile(map: &serde_norway::Mapping) -> Result<When, Vec<String>> {
         let mut rules = Vec::new();
         let mut problems = Vec::new();
         for (key, value) in map {
@@ -154,7 +154,7 @@ impl Condition {
 fn yaml_text(value: &Yaml) -> String {
     match value {
         Yaml::String(s) => s.clone(),
-        other => serde_yaml::to_string(other)
+        other => serde_norway::to_string(other)
             .map(|s| s.trim_end().to_string())
             .unwrap_or_else(|_| "?".into()),
     }
@@ -195,7 +195,7 @@ mod tests {
     use serde_json::json;
 
     fn when(yaml: &str) -> When {
-        When::compile(&serde_yaml::from_str(yaml).unwrap()).unwrap()
+        When::compile(&serde_norway::from_str(yaml).unwrap()).unwrap()
     }
 
     fn payload() -> Value {
@@ -262,7 +262,7 @@ mod tests {
 
     #[test]
     fn bad_rules_are_refused_at_load() {
-        let compile = |y: &str| When::compile(&serde_yaml::from_str(y).unwrap());
+        let compile = |y: &str| When::compile(&serde_norway::from_str(y).unwrap());
         assert_eq!(
             compile("incident.title: {matches: '('}").unwrap_err(),
             ["incident.title: bad regex \"(\": unclosed group"]
