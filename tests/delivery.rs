@@ -1079,7 +1079,22 @@ async fn push(gateway: &Gateway, body: &[u8]) {
     assert_eq!(response.json()["status"], "accepted");
 }
 
-/// The event ids an upstream received, in order, with the status each was answered.
+/// The resolve of incident `inc` pushed before the ack it follows (a second earlier), as
+/// Flashduty may push them.
+async fn push_resolve_then_ack(gateway: &Gateway, inc: &str, now: u64) {
+    push(
+        gateway,
+        &incident_event("incident_resolved.json", "resolve", inc, now),
+    )
+    .await;
+    push(
+        gateway,
+        &incident_event("incident_ack.json", "ack", inc, now - 1_000),
+    )
+    .await;
+}
+
+/// The event ids an upstream received, in order.
 fn arrivals(up: &Upstream) -> Vec<String> {
     up.received()
         .iter()
@@ -1109,16 +1124,7 @@ async fn with_order_an_incidents_events_leave_in_event_time_order_even_when_the_
     let gateway = Gateway::start(&ordered_config(&up.url("/events"))).await;
     let now = epoch_ms();
     let (inc, other) = ("692701aa3c5e8f0012ab77c1", "0123456789abcdef01234567");
-    push(
-        &gateway,
-        &incident_event("incident_resolved.json", "resolve", inc, now),
-    )
-    .await;
-    push(
-        &gateway,
-        &incident_event("incident_ack.json", "ack", inc, now - 1_000),
-    )
-    .await;
+    push_resolve_then_ack(&gateway, inc, now).await;
     push(
         &gateway,
         &incident_event("incident_new.json", "other", other, now - 500),
@@ -1145,16 +1151,7 @@ async fn held_deliveries_survive_kill_9_and_still_leave_in_event_time_order() {
     let mut gateway = Gateway::start(&ordered_config(&up.url("/events"))).await;
     let now = epoch_ms();
     let inc = "692701aa3c5e8f0012ab77c1";
-    push(
-        &gateway,
-        &incident_event("incident_resolved.json", "resolve", inc, now),
-    )
-    .await;
-    push(
-        &gateway,
-        &incident_event("incident_ack.json", "ack", inc, now - 1_000),
-    )
-    .await;
+    push_resolve_then_ack(&gateway, inc, now).await;
     // Both are held for about a second more (the hold is rebuilt from the stored event time
     // and the time it was stored, so it survives the crash). Whatever had left before the
     // kill, the resolve never goes before the ack has been delivered.

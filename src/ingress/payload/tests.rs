@@ -57,8 +57,9 @@ fn unwanted(body: &[u8], events: &[&str]) -> Result<String, PayloadError> {
     }
 }
 
-/// `doc` with the JSON literal `value` at the `/`-separated `pointer` (created if absent).
-fn with(body: &[u8], pointer: &str, value: &str) -> Vec<u8> {
+/// `body` with the field at the `/`-separated `pointer` set to the JSON literal `value`
+/// (created if absent), or removed when `value` is `None`.
+fn edit(body: &[u8], pointer: &str, value: Option<&str>) -> Vec<u8> {
     let mut doc: serde_json::Value = serde_json::from_slice(body).unwrap();
     let (parent, key) = pointer.rsplit_once('/').unwrap();
     let target = if parent.is_empty() {
@@ -66,20 +67,28 @@ fn with(body: &[u8], pointer: &str, value: &str) -> Vec<u8> {
     } else {
         doc.pointer_mut(parent).unwrap()
     };
-    target[key] = serde_json::from_str(value).unwrap();
+    match value {
+        Some(value) => target[key] = serde_json::from_str(value).unwrap(),
+        None => drop(target.as_object_mut().unwrap().remove(key)),
+    }
     serde_json::to_vec(&doc).unwrap()
 }
 
-/// `doc` without the field at `pointer`.
+fn with(body: &[u8], pointer: &str, value: &str) -> Vec<u8> {
+    edit(body, pointer, Some(value))
+}
+
 fn without(body: &[u8], pointer: &str) -> Vec<u8> {
-    let mut doc: serde_json::Value = serde_json::from_slice(body).unwrap();
-    let (parent, key) = pointer.rsplit_once('/').unwrap();
-    let target = if parent.is_empty() {
-        &mut doc
-    } else {
-        doc.pointer_mut(parent).unwrap()
-    };
-    target.as_object_mut().unwrap().remove(key);
+    edit(body, pointer, None)
+}
+
+/// `body` with its top-level `keys` moved to the end, in that order.
+fn moved_last(body: &[u8], keys: &[&str]) -> Vec<u8> {
+    let mut doc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).unwrap();
+    for key in keys {
+        let value = doc.remove(*key).unwrap();
+        doc.insert(key.to_string(), value);
+    }
     serde_json::to_vec(&doc).unwrap()
 }
 
@@ -503,11 +512,7 @@ fn the_object_of_the_other_kind_is_an_unknown_field_wherever_the_type_stands() {
         with(&alert, "/incident", "\"x\""),
     ] {
         assert!(check(&body, DriftPolicy::Reject).is_ok());
-        let mut doc: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(&body).unwrap();
-        let event_type = doc.remove("event_type").unwrap();
-        doc.insert("event_type".into(), event_type);
-        let last = serde_json::to_vec(&doc).unwrap();
+        let last = moved_last(&body, &["event_type"]);
         assert!(String::from_utf8_lossy(&last).ends_with(r#"_new"}"#));
         assert!(check(&last, DriftPolicy::Reject).is_ok());
     }
@@ -522,12 +527,9 @@ fn the_object_of_the_other_kind_is_an_unknown_field_wherever_the_type_stands() {
         PayloadError::Invalid("alert: required field is missing".into())
     );
     // When the type comes last, a real problem in the right object is still named.
-    let mut doc: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&with(&alert, "/alert/title", "1")).unwrap();
-    let event_type = doc.remove("event_type").unwrap();
-    doc.insert("event_type".into(), event_type);
+    let last = moved_last(&with(&alert, "/alert/title", "1"), &["event_type"]);
     assert_eq!(
-        refuse(&serde_json::to_vec(&doc).unwrap()),
+        refuse(&last),
         PayloadError::Invalid("alert.title: expected a string, got a number".into())
     );
 }
@@ -564,16 +566,8 @@ fn a_type_the_action_does_not_take_is_unwanted_whatever_the_rest_holds() {
     assert_eq!(unwanted(&broken, &["i_custom"]).unwrap(), id);
     let no_incident = without(&new, "/incident");
     assert_eq!(unwanted(&no_incident, &["a_new"]).unwrap(), id);
-    let mut doc: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&broken).unwrap();
-    let event_type = doc.remove("event_type").unwrap();
-    doc.insert("event_type".into(), event_type);
-    let event_id = doc.remove("event_id").unwrap();
-    doc.insert("event_id".into(), event_id);
-    assert_eq!(
-        unwanted(&serde_json::to_vec(&doc).unwrap(), &["i_custom"]).unwrap(),
-        id
-    );
+    let last = moved_last(&broken, &["event_type", "event_id"]);
+    assert_eq!(unwanted(&last, &["i_custom"]).unwrap(), id);
     // The legacy event id counts too.
     let legacy = with(
         &without(&new, "/event_id"),
