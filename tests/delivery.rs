@@ -1068,8 +1068,12 @@ fn epoch_ms() -> u64 {
 
 /// One action taking every incident type, whose one upstream orders by event_time.
 fn ordered_config(url: &str) -> String {
+    ordered_config_with(url, "order_window: 2s")
+}
+
+fn ordered_config_with(url: &str, settings: &str) -> String {
     format!(
-        "server: {{threads: 2}}\nactions:\n  - name: hooks\n    path: /hooks\n    allow: [\"127.0.0.1/32\"]\n    events: [i_*]\n    upstreams:\n      - {{name: tickets, url: \"{url}\", order: event_time, order_window: 2s, retry: {{attempts: 5, backoff: 50ms, max_backoff: 100ms}}}}\n"
+        "server: {{threads: 2}}\nactions:\n  - name: hooks\n    path: /hooks\n    allow: [\"127.0.0.1/32\"]\n    events: [i_*]\n    upstreams:\n      - {{name: tickets, url: \"{url}\", order: event_time, {settings}, retry: {{attempts: 5, backoff: 50ms, max_backoff: 100ms}}}}\n"
     )
 }
 
@@ -1165,4 +1169,39 @@ async fn held_deliveries_survive_kill_9_and_still_leave_in_event_time_order() {
     let last_ack = got.iter().rposition(|g| g == "ack");
     let first_resolve = got.iter().position(|g| g == "resolve");
     assert!(last_ack.is_some() && last_ack < first_resolve, "{got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_ordered_lane_learns_everything_due_before_it_sends_the_next() {
+    // One delivery at a time, and the first (another incident) takes long: the resolve and
+    // its ack are both released before the lane is free again, and must still leave in
+    // event_time order.
+    let up = Upstream::start(|_, r| {
+        if r.json()["event_id"] == "filler" {
+            Reply::Delayed(Duration::from_secs(3), 200)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let gateway = Gateway::start(&ordered_config_with(
+        &up.url("/events"),
+        "order_window: 100ms, concurrency: 1",
+    ))
+    .await;
+    let now = epoch_ms();
+    push(
+        &gateway,
+        &incident_event(
+            "incident_new.json",
+            "filler",
+            "0123456789abcdef01234567",
+            now,
+        ),
+    )
+    .await;
+    eventually_async(WAIT, || async { (!up.received().is_empty()).then_some(()) }).await;
+    push_resolve_then_ack(&gateway, "692701aa3c5e8f0012ab77c1", epoch_ms()).await;
+    up.wait_for(3, WAIT).await;
+    assert_eq!(arrivals(&up), ["filler", "ack", "resolve"]);
 }

@@ -18,7 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
-use super::order::{Order, Place, Wait};
+use super::order::{Order, Place};
 use super::projection::Projection;
 use super::report::{self, Facts, Pace};
 use super::retry::{AttemptOutcome, Decision};
@@ -42,6 +42,8 @@ const ORPHAN_SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// A sweep takes a lane's deliveries this many at a time, at most this many times a round.
 const SWEEP_SLICE: usize = 1_000;
 const SWEEP_PASSES: usize = 1_000;
+/// An ordered lane learns due deliveries this many at a time (one load each).
+const LEARN_BATCH: usize = 1_000;
 
 /// Runs every lane. Shared by the background service that runs it and by reloads, which add,
 /// change and retire lanes while it runs.
@@ -475,72 +477,29 @@ async fn run_lane(lane: Arc<Lane>, store: Store, lifecycle: Arc<Lifecycle>, pace
         work.as_mut().enable();
         changed.as_mut().enable();
 
-        let now = now_ms();
-        // What is in flight, read once per pass; ids started below are added to it.
-        let mut skip = lane.in_flight_ids();
-        let mut running = skip.len();
-        // An ordered lane's deliveries that may not leave yet are skipped too.
-        let mut release = None;
-        if let Some((held, next)) = lane.order_waiting(now) {
-            skip.extend(held);
-            release = next;
-        }
-        let mut learnt = false;
-        let free = lane.free(running);
-        if free > 0 {
-            let timeout = lane.conf.load().upstream.timeout;
-            match store.due(&lane.key, now, free, &skip, timeout).await {
-                Ok(ids) => {
-                    for id in ids {
-                        skip.insert(id);
-                        if let Err(wait) = lane.order_check(&store, id, now).await {
-                            // Held: in cluster mode its claim goes back until it may leave.
-                            store.release(id);
-                            learnt = true;
-                            if let Wait::Until(at) = wait {
-                                release = Some(release.map_or(at, |r: u64| r.min(at)));
-                            }
-                            continue;
-                        }
-                        lane.mark_in_flight(id);
-                        running += 1;
-                        tokio::spawn(attempt_task(
-                            lane.clone(),
-                            store.clone(),
-                            lifecycle.clone(),
-                            pace.clone(),
-                            id,
-                        ));
-                    }
-                }
-                Err(e) => {
-                    log::error!("lane {}: cannot read due deliveries: {e}", lane.key);
-                    tokio::time::sleep(ERROR_PAUSE).await;
-                    continue;
-                }
-            }
-        }
-        if learnt {
-            // Deliveries just found held are skipped from now on: look again at once for
-            // others that may leave.
-            continue;
-        }
-
-        // Sleep until the next delivery is due or released, new work arrives, or an attempt
-        // finishes.
-        let wait = if lane.free(running) > 0 {
-            match store.next_due_ms(&lane.key, &skip).await {
-                Ok(due) => match due.into_iter().chain(release).min() {
-                    Some(at) => {
-                        Duration::from_millis(at.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
-                    }
-                    None => IDLE_POLL,
-                },
-                Err(_) => ERROR_PAUSE,
-            }
-        } else {
-            IDLE_POLL
+        let start = |id: u64| {
+            lane.mark_in_flight(id);
+            tokio::spawn(attempt_task(
+                lane.clone(),
+                store.clone(),
+                lifecycle.clone(),
+                pace.clone(),
+                id,
+            ));
         };
+        let pass = if lane.is_ordered() {
+            ordered_pass(&lane, &store, start).await
+        } else {
+            plain_pass(&lane, &store, start).await
+        };
+        let Ok(wake_ms) = pass else {
+            tokio::time::sleep(ERROR_PAUSE).await;
+            continue;
+        };
+        // Sleep until the next delivery is due, new work arrives, or an attempt finishes.
+        let wait = wake_ms.map_or(IDLE_POLL, |at| {
+            Duration::from_millis(at.saturating_sub(now_ms()).max(1)).min(IDLE_POLL)
+        });
         tokio::select! {
             _ = &mut work => {}
             _ = &mut changed => {}
@@ -548,6 +507,89 @@ async fn run_lane(lane: Arc<Lane>, store: Store, lifecycle: Arc<Lifecycle>, pace
             _ = lifecycle.deliveries_stopping() => return,
         }
     }
+}
+
+/// One look at a lane: starts what is due, up to its concurrency. Returns when to look again
+/// if nothing wakes the lane first (`None`: only a wake-up or the idle poll); `Err` after a
+/// store error, logged.
+async fn plain_pass(lane: &Lane, store: &Store, start: impl Fn(u64)) -> Result<Option<u64>, ()> {
+    let now = now_ms();
+    // What is in flight, read once per pass; ids started below are added to it.
+    let mut skip = lane.in_flight_ids();
+    let free = lane.free(skip.len());
+    if free > 0 {
+        let timeout = lane.conf.load().upstream.timeout;
+        let ids = store
+            .due(&lane.key, now, free, &skip, timeout)
+            .await
+            .map_err(|e| log::error!("lane {}: cannot read due deliveries: {e}", lane.key))?;
+        for id in ids {
+            skip.insert(id);
+            start(id);
+        }
+    }
+    if lane.free(skip.len()) == 0 {
+        return Ok(None);
+    }
+    Ok(next_due_ms(store, lane, &skip).await)
+}
+
+/// When the earliest delivery of the lane not in `skip` is due; after a store error, soon.
+async fn next_due_ms(store: &Store, lane: &Lane, skip: &IdSet) -> Option<u64> {
+    match store.next_due_ms(&lane.key, skip).await {
+        Ok(due) => due,
+        Err(_) => Some(now_ms().saturating_add(millis(ERROR_PAUSE))),
+    }
+}
+
+/// [`plain_pass`] for a lane with `order: event_time`: first learns every delivery that has
+/// come due since the last look (all of them, before starting any: a busy lane or a restart
+/// must not let one overtake an earlier event it has not seen yet), then starts what
+/// [`Order::startable`] allows.
+async fn ordered_pass(lane: &Lane, store: &Store, start: impl Fn(u64)) -> Result<Option<u64>, ()> {
+    let timeout = lane.conf.load().upstream.timeout;
+    loop {
+        let known = lane
+            .with_order(|order| order.ids().clone())
+            .unwrap_or_default();
+        let ids = store
+            .due(&lane.key, now_ms(), LEARN_BATCH, &known, timeout)
+            .await
+            .map_err(|e| log::error!("lane {}: cannot read due deliveries: {e}", lane.key))?;
+        if ids.is_empty() {
+            break;
+        }
+        for id in ids {
+            let found = store
+                .load(id)
+                .await
+                .map_err(|e| log::error!("lane {}: cannot load delivery {id}: {e}", lane.key))?;
+            // None: finished meanwhile.
+            if let Some((record, raw)) = found {
+                let place = Place::of(&raw);
+                lane.with_order(|order| order.add(id, place, record.accepted_ms, record.due_ms));
+            }
+        }
+        // A backlog is learnt a batch at a time, letting the other lanes run in between.
+        tokio::task::yield_now().await;
+    }
+    let busy = lane.in_flight_ids();
+    let free = lane.free(busy.len());
+    let now = now_ms();
+    let ready = lane
+        .with_order(|order| order.startable(now, &busy, free))
+        .unwrap_or_default();
+    for &id in &ready {
+        start(id);
+    }
+    let busy = lane.in_flight_ids();
+    let known = lane
+        .with_order(|order| order.ids().clone())
+        .unwrap_or_default();
+    // Retries the lane has not learnt (due before a restart) come due by the store's clock.
+    let unknown = next_due_ms(store, lane, &known).await;
+    let held = lane.with_order(|order| order.next_wake(&busy)).flatten();
+    Ok(unknown.into_iter().chain(held).min())
 }
 
 impl Lane {
@@ -594,50 +636,14 @@ impl Lane {
         }
     }
 
-    /// For an ordered lane, its deliveries that may not leave at `now`, and when the clock
-    /// next releases one.
-    fn order_waiting(&self, now: u64) -> Option<(IdSet, Option<u64>)> {
-        let order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-        order.as_ref().map(|order| order.waiting(now))
+    fn is_ordered(&self) -> bool {
+        self.with_order(|_| ()).is_some()
     }
 
-    /// Whether due delivery `id` may leave now; an ordered lane reads the event of one it has
-    /// not seen yet to learn its place. A delivery whose place cannot be read is not held.
-    async fn order_check(&self, store: &Store, id: u64, now: u64) -> Result<(), Wait> {
-        let known = match &*self.order.lock().unwrap_or_else(|e| e.into_inner()) {
-            None => return Ok(()),
-            Some(order) => order.knows(id),
-        };
-        if !known {
-            let place = match store.load(id).await {
-                Ok(Some((record, raw))) => Place::of(&raw).map(|p| (p, record.accepted_ms)),
-                Ok(None) => None,
-                Err(e) => {
-                    log::warn!(
-                        "lane {}: cannot read delivery {id} to order it: {e}",
-                        self.key
-                    );
-                    None
-                }
-            };
-            let Some((place, accepted_ms)) = place else {
-                return Ok(());
-            };
-            let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(order) = order.as_mut() {
-                order.add(id, place, accepted_ms);
-            }
-        }
-        let order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-        order.as_ref().map_or(Ok(()), |order| order.check(id, now))
-    }
-
-    /// Forgets a delivery that left the pending set, so that the next of its incident may go.
-    fn order_settled(&self, id: u64) {
+    /// Runs `f` on the lane's order, if it has one.
+    fn with_order<T>(&self, f: impl FnOnce(&mut Order) -> T) -> Option<T> {
         let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(order) = order.as_mut() {
-            order.settled(id);
-        }
+        order.as_mut().map(f)
     }
 
     /// Waits until no attempt of this lane is running.
@@ -654,27 +660,49 @@ async fn attempt_task(
     id: u64,
 ) {
     let in_flight = lifecycle.delivery();
-    if deliver(&lane, &store, &pace, id).await {
-        lane.order_settled(id);
-    }
+    let after = deliver(&lane, &store, &pace, id).await;
+    lane.with_order(|order| match after {
+        After::Settled => order.settled(id),
+        After::Retry(due_ms) => order.retry(id, due_ms),
+        After::Unknown => {}
+    });
     store.release(id);
     lane.clear_in_flight(id);
     drop(in_flight);
     lane.changed.notify_waiters();
 }
 
-/// One step for delivery `id`: skip it, or attempt it and record the result. True when the
-/// delivery is no longer pending (delivered, skipped, dead-lettered, or finished elsewhere).
-async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
+/// What became of a delivery after one step, as far as the lane's order needs to know.
+enum After {
+    /// No longer pending: delivered, skipped, dead-lettered, or finished elsewhere.
+    Settled,
+    /// Recorded to be tried again then.
+    Retry(u64),
+    /// Nothing was recorded: it stays due as it was.
+    Unknown,
+}
+
+impl After {
+    fn of(recorded: bool, finish: &Finish) -> After {
+        match (recorded, finish) {
+            (false, _) => After::Unknown,
+            (true, Finish::Retry { due_ms, .. }) => After::Retry(*due_ms),
+            (true, _) => After::Settled,
+        }
+    }
+}
+
+/// One step for delivery `id`: skip it, or attempt it and record the result.
+async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> After {
     let conf = lane.conf.load_full();
     let upstream = &conf.upstream;
     let (record, raw) = match store.load(id).await {
         Ok(Some(found)) => found,
-        Ok(None) => return true, // finished meanwhile (e.g. replayed and delivered)
+        Ok(None) => return After::Settled, // finished meanwhile (e.g. replayed and delivered)
         Err(e) => {
             log::error!("lane {}: cannot load delivery {id}: {e}", lane.key);
             tokio::time::sleep(ERROR_PAUSE).await;
-            return false;
+            return After::Unknown;
         }
     };
     let payload = if request::needs_payload(upstream) {
@@ -682,21 +710,23 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
             Ok(value) => Some(value),
             Err(e) => {
                 // Cannot happen for events the ingress validated; say so loudly if it does.
-                return record_finish(
+                let finish = Finish::Dead {
+                    at_ms: now_ms(),
+                    error: format!("stored payload is not JSON: {e}"),
+                    status: None,
+                    attempted: false,
+                };
+                let recorded = record_finish(
                     lane,
                     store,
                     id,
-                    Finish::Dead {
-                        at_ms: now_ms(),
-                        error: format!("stored payload is not JSON: {e}"),
-                        status: None,
-                        attempted: false,
-                    },
+                    finish.clone(),
                     DeliveryOutcome::DeadLettered,
                     None,
                     None,
                 )
                 .await;
+                return After::of(recorded, &finish);
             }
         }
     } else {
@@ -712,7 +742,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
                 decision = "skipped";
                 "when did not match"
             );
-            return record_finish(
+            let recorded = record_finish(
                 lane,
                 store,
                 id,
@@ -722,6 +752,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
                 None,
             )
             .await;
+            return After::of(recorded, &Finish::Skipped);
         }
     }
 
@@ -755,7 +786,7 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
             lane.key
         );
         lane.metrics.claims_lost.inc();
-        return false;
+        return After::Unknown;
     }
     let started = Instant::now();
     let sent = match uri {
@@ -864,8 +895,8 @@ async fn deliver(lane: &Lane, store: &Store, pace: &Pace, id: u64) -> bool {
         };
         report_of(plan, &record, &raw, &facts)
     });
-    let settles = !matches!(finish, Finish::Retry { .. });
-    record_finish(lane, store, id, finish, label, lag, report).await && settles
+    let recorded = record_finish(lane, store, id, finish.clone(), label, lag, report).await;
+    After::of(recorded, &finish)
 }
 
 fn millis(duration: Duration) -> u64 {

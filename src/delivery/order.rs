@@ -8,11 +8,12 @@
 //! - of one incident, only the delivery with the earliest `event_time` that is still pending
 //!   (in flight, or waiting for a retry) may leave.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde::Deserialize;
-
-use crate::store::IdSet;
+use crate::config::DriftPolicy;
+use crate::ingress::event_type::EventTypes;
+use crate::ingress::payload::{self, Verdict};
+use crate::store::{IdMap, IdSet};
 
 /// Where a payload stands in its incident's order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,60 +24,38 @@ pub struct Place {
 }
 
 impl Place {
-    /// Reads the place of a stored payload; `None` if it names no event time or incident (an
-    /// event the ingress validated always does).
+    /// Reads the place of a stored payload as the ingress read it (the same validator, so the
+    /// same incident as guards and reports); `None` for a payload it would not take.
     pub fn of(raw: &[u8]) -> Option<Place> {
-        #[derive(Deserialize)]
-        struct Payload {
-            event_time: i64,
-            incident: Option<Incident>,
-            alert: Option<Alert>,
+        match payload::validate(raw, DriftPolicy::Accept, &EventTypes::every()) {
+            Ok(Verdict::Valid(valid)) => Some(Place {
+                incident: valid.incident_id.into_owned(),
+                event_time_ms: valid.event_time_ms,
+            }),
+            _ => None,
         }
-        #[derive(Deserialize)]
-        struct Incident {
-            incident_id: Option<String>,
-        }
-        #[derive(Deserialize)]
-        struct Alert {
-            alert_id: Option<String>,
-            incident: Option<Incident>,
-        }
-        let payload: Payload = serde_json::from_slice(raw).ok()?;
-        let non_empty = |id: Option<String>| id.filter(|id| !id.is_empty());
-        let incident = match payload.alert {
-            Some(alert) => non_empty(alert.incident.and_then(|i| i.incident_id))
-                .or_else(|| non_empty(alert.alert_id).map(|id| format!("alert:{id}"))),
-            None => non_empty(payload.incident.and_then(|i| i.incident_id)),
-        }?;
-        Some(Place {
-            incident,
-            event_time_ms: u64::try_from(payload.event_time).unwrap_or(0),
-        })
     }
-}
-
-/// Why a known delivery may not leave yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    /// Held until this time (ms since the epoch) for earlier events to arrive.
-    Until(u64),
-    /// An earlier event of its incident is still pending.
-    Behind,
 }
 
 #[derive(Debug)]
 struct Entry {
     incident: String,
     event_time_ms: u64,
+    /// Held until then for earlier events of its incident to arrive.
     release_ms: u64,
+    /// When the store has its next attempt due (a retry moves it).
+    due_ms: u64,
 }
 
-/// The pending deliveries of one ordered lane that the lane has seen.
+/// The pending deliveries of one ordered lane, which the lane learns as they come due (all of
+/// them before it starts any, after a restart too), and from which it picks what may leave.
 #[derive(Debug, Default)]
 pub struct Order {
     window_ms: u64,
-    entries: HashMap<u64, Entry>,
-    /// Per incident, its pending deliveries by (event time, id).
+    entries: IdMap<Entry>,
+    /// The ids of `entries`: what the lane no longer needs the store to tell it about.
+    ids: IdSet,
+    /// Per incident, its pending deliveries by (event time, id): the first is its head.
     incidents: HashMap<String, BTreeSet<(u64, u64)>>,
 }
 
@@ -92,8 +71,8 @@ impl Order {
         self.window_ms = window_ms;
     }
 
-    pub fn knows(&self, id: u64) -> bool {
-        self.entries.contains_key(&id)
+    pub fn ids(&self) -> &IdSet {
+        &self.ids
     }
 
     pub fn len(&self) -> usize {
@@ -104,41 +83,38 @@ impl Order {
         self.entries.is_empty()
     }
 
-    /// Learns delivery `id` of the event stored at `accepted_ms`.
-    pub fn add(&mut self, id: u64, place: Place, accepted_ms: u64) {
+    /// Learns delivery `id` of the event stored at `accepted_ms`, next due at `due_ms`. One
+    /// whose place cannot be read is an incident of its own: never held, holding nothing.
+    pub fn add(&mut self, id: u64, place: Option<Place>, accepted_ms: u64, due_ms: u64) {
+        let place = place.unwrap_or_else(|| Place {
+            incident: format!("#{id}"),
+            event_time_ms: 0,
+        });
         let release_ms = place
             .event_time_ms
             .saturating_add(self.window_ms)
             .clamp(accepted_ms, accepted_ms.saturating_add(self.window_ms));
+        self.settled(id);
         self.incidents
             .entry(place.incident.clone())
             .or_default()
             .insert((place.event_time_ms, id));
+        self.ids.insert(id);
         self.entries.insert(
             id,
             Entry {
                 incident: place.incident,
                 event_time_ms: place.event_time_ms,
                 release_ms,
+                due_ms,
             },
         );
     }
 
-    /// Whether known delivery `id` may leave at `now_ms`.
-    pub fn check(&self, id: u64, now_ms: u64) -> Result<(), Wait> {
-        let Some(entry) = self.entries.get(&id) else {
-            return Ok(());
-        };
-        if now_ms < entry.release_ms {
-            return Err(Wait::Until(entry.release_ms));
-        }
-        let first = self
-            .incidents
-            .get(&entry.incident)
-            .and_then(|pending| pending.first());
-        match first {
-            Some(&(_, first)) if first != id => Err(Wait::Behind),
-            _ => Ok(()),
+    /// Delivery `id` failed and is due again at `due_ms`; it stays its incident's head.
+    pub fn retry(&mut self, id: u64, due_ms: u64) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.due_ms = due_ms;
         }
     }
 
@@ -147,6 +123,7 @@ impl Order {
         let Some(entry) = self.entries.remove(&id) else {
             return;
         };
+        self.ids.remove(&id);
         if let Some(pending) = self.incidents.get_mut(&entry.incident) {
             pending.remove(&(entry.event_time_ms, id));
             if pending.is_empty() {
@@ -155,23 +132,39 @@ impl Order {
         }
     }
 
-    /// The known deliveries that may not leave at `now_ms`, and the earliest time one of
-    /// them is released by the clock (the others wait for an earlier one to settle).
-    pub fn waiting(&self, now_ms: u64) -> (IdSet, Option<u64>) {
-        let mut held = IdSet::default();
-        let mut next = None::<u64>;
-        for &id in self.entries.keys() {
-            match self.check(id, now_ms) {
-                Ok(()) => {}
-                Err(wait) => {
-                    held.insert(id);
-                    if let Wait::Until(at) = wait {
-                        next = Some(next.map_or(at, |n| n.min(at)));
-                    }
-                }
-            }
-        }
-        (held, next)
+    /// The heads of their incidents that are not `busy` (in flight), each with the time it
+    /// may leave.
+    fn heads<'a>(&'a self, busy: &'a IdSet) -> impl Iterator<Item = (u64, &'a Entry)> + 'a {
+        self.incidents
+            .values()
+            .filter_map(|pending| pending.first())
+            .filter(|(_, id)| !busy.contains(id))
+            .filter_map(|(_, id)| self.entries.get(id).map(|entry| (*id, entry)))
+    }
+
+    /// What may leave at `now_ms`, earliest event first, at most `limit`: of each incident
+    /// only its head, once released and due, and only while no delivery of it is in flight.
+    pub fn startable(&self, now_ms: u64, busy: &IdSet, limit: usize) -> Vec<u64> {
+        let busy_incidents: HashSet<&str> = busy
+            .iter()
+            .filter_map(|id| self.entries.get(id))
+            .map(|entry| entry.incident.as_str())
+            .collect();
+        let mut ready: Vec<(u64, u64)> = self
+            .heads(busy)
+            .filter(|(_, e)| !busy_incidents.contains(e.incident.as_str()))
+            .filter(|(_, e)| e.release_ms <= now_ms && e.due_ms <= now_ms)
+            .map(|(id, e)| (e.event_time_ms, id))
+            .collect();
+        ready.sort_unstable();
+        ready.into_iter().take(limit).map(|(_, id)| id).collect()
+    }
+
+    /// When the next head not in flight may leave, if one is waiting.
+    pub fn next_wake(&self, busy: &IdSet) -> Option<u64> {
+        self.heads(busy)
+            .map(|(_, e)| e.release_ms.max(e.due_ms))
+            .min()
     }
 }
 
@@ -188,64 +181,106 @@ mod tests {
 
     #[test]
     fn the_place_of_incident_and_alert_payloads() {
-        let incident = br#"{"event_time": 1700000000123, "event_type": "i_ack",
-            "incident": {"incident_id": "abc", "title": "t"}}"#;
-        assert_eq!(Place::of(incident), Some(place("abc", 1_700_000_000_123)));
-        let alert = br#"{"event_time": 5, "alert": {"alert_id": "al", "incident": {"incident_id": "inc"}}}"#;
-        assert_eq!(Place::of(alert), Some(place("inc", 5)));
-        let loose = br#"{"event_time": 5, "alert": {"alert_id": "al", "incident": {}}}"#;
-        assert_eq!(Place::of(loose), Some(place("alert:al", 5)));
-        assert_eq!(Place::of(br#"{"event_time": 5, "incident": {}}"#), None);
+        let fixture = |name: &str| {
+            std::fs::read(format!(
+                "{}/tests/fixtures/{name}.json",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .unwrap()
+        };
+        let inc = "692701aa3c5e8f0012ab77c1";
+        assert_eq!(
+            Place::of(&fixture("incident_ack")),
+            Some(place(inc, 1_764_159_812_400))
+        );
+        assert_eq!(
+            Place::of(&fixture("alert_closed")),
+            Some(place(inc, 1_764_161_990_020))
+        );
+        assert_eq!(
+            Place::of(&fixture("alert_new")),
+            Some(place("alert:692701a03c5e8f0012ab77b0", 1_764_159_690_310))
+        );
+        // The other kind's object, whatever it holds, changes nothing (as for the ingress).
+        let mut doc: serde_json::Value = serde_json::from_slice(&fixture("incident_ack")).unwrap();
+        doc["alert"] = serde_json::json!({"alert_id": "zz"});
+        let body = serde_json::to_vec(&doc).unwrap();
+        assert_eq!(Place::of(&body), Some(place(inc, 1_764_159_812_400)));
+        doc["alert"] = 5.into();
+        let body = serde_json::to_vec(&doc).unwrap();
+        assert_eq!(Place::of(&body), Some(place(inc, 1_764_159_812_400)));
         assert_eq!(Place::of(b"not json"), None);
+    }
+
+    fn none() -> IdSet {
+        IdSet::default()
     }
 
     #[test]
     fn a_delivery_is_held_until_its_event_time_plus_the_window_but_never_longer_than_the_window() {
         let mut order = Order::new(2_000);
         // Stored 300 ms after its event: held 1,700 ms more.
-        order.add(1, place("a", 10_000), 10_300);
-        assert_eq!(order.check(1, 10_300), Err(Wait::Until(12_000)));
-        assert_eq!(order.check(1, 12_000), Ok(()));
+        order.add(1, Some(place("a", 10_000)), 10_300, 10_300);
+        assert!(order.startable(10_300, &none(), 10).is_empty());
+        assert_eq!(order.next_wake(&none()), Some(12_000));
+        assert_eq!(order.startable(12_000, &none(), 10), [1]);
         // Pushed late: not held at all.
-        order.add(2, place("b", 10_000), 15_000);
-        assert_eq!(order.check(2, 15_000), Ok(()));
+        order.add(2, Some(place("b", 10_000)), 15_000, 15_000);
+        assert_eq!(
+            order.startable(15_000, &none(), 10),
+            [1, 2],
+            "same event time: by id"
+        );
         // An event time in the future (a clock ahead): held the window, no more.
-        order.add(3, place("c", 99_000), 20_000);
-        assert_eq!(order.check(3, 20_000), Err(Wait::Until(22_000)));
+        order.add(3, Some(place("c", 99_000)), 20_000, 20_000);
+        assert!(!order.startable(21_999, &none(), 10).contains(&3));
+        assert!(order.startable(22_000, &none(), 10).contains(&3));
+        // A payload without a place is never held and holds nothing.
+        order.add(4, None, 20_000, 20_000);
+        assert!(order.startable(20_000, &none(), 10).contains(&4));
     }
 
     #[test]
     fn of_one_incident_the_earliest_pending_event_leaves_first_and_the_rest_wait_for_it() {
         let mut order = Order::new(1_000);
         // The resolve arrives first, the ack 500 ms later, within the window.
-        order.add(20, place("inc", 5_000), 5_100);
-        order.add(21, place("inc", 4_000), 5_600);
-        order.add(30, place("other", 5_000), 5_100);
+        order.add(20, Some(place("inc", 5_000)), 5_100, 5_100);
+        order.add(21, Some(place("inc", 4_000)), 5_600, 5_600);
+        order.add(30, Some(place("other", 5_000)), 5_100, 5_100);
         let now = 6_000;
-        assert_eq!(order.check(21, now), Ok(()), "the ack goes first");
-        assert_eq!(order.check(20, now), Err(Wait::Behind));
-        assert_eq!(order.check(30, now), Ok(()), "other incidents do not wait");
-        let (held, next) = order.waiting(now);
-        assert_eq!(held.into_iter().collect::<Vec<_>>(), [20]);
-        assert_eq!(next, None);
+        // The ack goes first; other incidents do not wait.
+        assert_eq!(order.startable(now, &none(), 10), [21, 30]);
+        assert_eq!(
+            order.startable(now, &none(), 1),
+            [21],
+            "earliest event first"
+        );
+        // While the ack is in flight, nothing else of its incident may go.
+        let busy: IdSet = [21].into_iter().collect();
+        assert_eq!(order.startable(now, &busy, 10), [30]);
         // The ack fails and waits for a retry: the resolve still waits behind it.
-        assert_eq!(order.check(20, 60_000), Err(Wait::Behind));
+        order.retry(21, 60_000);
+        assert_eq!(order.startable(59_999, &none(), 10), [30]);
+        assert_eq!(
+            order.next_wake(&none()),
+            Some(6_000),
+            "the other incident's release"
+        );
+        assert_eq!(order.startable(60_000, &none(), 10), [21, 30]);
         order.settled(21);
-        assert_eq!(order.check(20, 60_000), Ok(()));
+        assert_eq!(order.startable(60_000, &none(), 10), [20, 30]);
         order.settled(20);
         order.settled(30);
-        assert!(order.is_empty());
+        assert!(order.is_empty() && order.ids().is_empty());
         assert!(order.incidents.is_empty());
     }
 
     #[test]
-    fn waiting_names_the_earliest_release() {
-        let mut order = Order::new(2_000);
-        order.add(1, place("a", 1_000), 1_000);
-        order.add(2, place("b", 500), 1_000);
-        let (held, next) = order.waiting(1_000);
-        assert_eq!(held.len(), 2);
-        assert_eq!(next, Some(2_500));
-        assert_eq!(order.waiting(3_000).0.len(), 0);
+    fn learning_a_delivery_twice_keeps_one_entry() {
+        let mut order = Order::new(1_000);
+        order.add(1, Some(place("a", 1_000)), 1_000, 1_000);
+        order.add(1, Some(place("a", 1_000)), 1_000, 1_000);
+        assert_eq!(order.len(), 1);
+        assert_eq!(order.incidents["a"].len(), 1);
     }
 }

@@ -33,6 +33,9 @@ pub const INCIDENT_TYPES: [&str; 20] = [
 /// Flashduty's documented alert event types.
 pub const ALERT_TYPES: [&str; 4] = ["a_new", "a_update", "a_merge", "a_close"];
 
+/// Longest `event_type` taken: Flashduty's are at most 12 characters.
+const MAX_EVENT_TYPE: usize = 64;
+
 /// What a payload is about, from the prefix of its `event_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -43,8 +46,16 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// The kind of `event_type`, or `None` when it is no Flashduty event type at all.
+    /// The kind of `event_type`, or `None` when it is no Flashduty event type at all: those
+    /// are short, lowercase, digits and `_` (a bound on what drift logs and counts keep).
     pub fn of(event_type: &str) -> Option<EventKind> {
+        let well_formed = event_type.len() <= MAX_EVENT_TYPE
+            && event_type
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !well_formed {
+            return None;
+        }
         let kind = if event_type.starts_with("i_") {
             EventKind::Incident
         } else if event_type.starts_with("a_") {
@@ -94,6 +105,15 @@ impl Default for EventTypes {
 }
 
 impl EventTypes {
+    /// `[i_*, a_*]`: every type Flashduty sends.
+    pub fn every() -> EventTypes {
+        EventTypes {
+            all_incidents: true,
+            all_alerts: true,
+            named: Vec::new(),
+        }
+    }
+
     /// Reads `events:` entries. An entry that is neither a wildcard nor of the form `i_…` or
     /// `a_…` is an error; a well-formed type Flashduty does not document is a warning (it may
     /// be one Flashduty added after this release), with the closest documented one.
@@ -240,6 +260,9 @@ mod tests {
             .unwrap_err()
             .contains("\"incident_new\" is not a Flashduty event type"));
         assert!(parse(&["i_"]).is_err());
+        assert!(parse(&["i_New"]).is_err());
+        assert!(parse(&[&format!("i_{}", "x".repeat(63))]).is_err());
+        assert_eq!(EventKind::of("i_r_severity"), Some(EventKind::Incident));
         let (types, warnings) = parse(&["i_rslvd"]).unwrap();
         assert_eq!(
             warnings,

@@ -55,6 +55,14 @@ pub const DRIFT_FIELDS: [&str; 13] = [
 /// The `DRIFT_FIELDS` index of `event_type`.
 const EVENT_TYPE_DRIFT: usize = 9;
 
+/// The kind whose object holds drift field `field`; `None` for the envelope's.
+fn drift_owner(field: usize) -> Option<EventKind> {
+    let object = DRIFT_FIELDS.get(field)?.split('.').next()?;
+    [EventKind::Incident, EventKind::Alert]
+        .into_iter()
+        .find(|kind| kind.object() == object)
+}
+
 /// What the validator made of a body that is JSON with an event type.
 #[derive(Debug)]
 pub enum Verdict<'a> {
@@ -87,6 +95,8 @@ pub struct Validated<'a> {
     /// alert `alert.incident.incident_id`); for an alert that belongs to no incident yet,
     /// `alert:` and its `alert_id`.
     pub incident_id: Cow<'a, str>,
+    /// `event_time`, in milliseconds since the epoch (0 if negative).
+    pub event_time_ms: u64,
     /// Whether `person` is set: someone pressed the button (an automation sends none).
     pub person: bool,
     /// Unknown enum values seen: (index into [`DRIFT_FIELDS`], the value).
@@ -128,12 +138,15 @@ pub fn validate<'a>(
         // of the other kind (an unknown field once the type is known), or the type may be one
         // the action does not take. A second, plain parse says which; only failures pay it.
         Walked::TypeUnknown(error) => {
-            let Some(event_type) = envelope(body)?.event_type else {
+            let envelope = envelope(body)?;
+            let Some(event_type) = envelope.event_type else {
                 return Err(error);
             };
             match EventKind::of(&event_type) {
                 None => Err(error),
-                Some(_) if !events.wants(&event_type) => unwanted(body, event_type, None),
+                Some(_) if !events.wants(&event_type) => {
+                    ignored(event_type, envelope.event_id.map(Cow::Owned))
+                }
                 Some(kind) => match walk(text, policy, events, Some(kind)) {
                     Walked::Done(verdict) => verdict,
                     Walked::TypeUnknown(error) => Err(error),
@@ -162,6 +175,7 @@ fn walk<'a>(
         events,
         kind,
         event_type: None,
+        event_time: None,
         kept: Default::default(),
         present: [false; 2],
         person: false,
@@ -215,6 +229,13 @@ fn unwanted<'a>(
         }
         None => envelope(body)?.event_id.map(Cow::Owned),
     };
+    ignored(event_type, event_id)
+}
+
+fn ignored(
+    event_type: String,
+    event_id: Option<Cow<'_, str>>,
+) -> Result<Verdict<'_>, PayloadError> {
     Ok(Verdict::Unwanted {
         event_id: checked_event_id(event_id)?,
         event_type,
@@ -222,23 +243,145 @@ fn unwanted<'a>(
 }
 
 /// The envelope of a body, read plainly: the slow path, for refusals and unwanted types.
+/// It streams over the top level (and `incident`, for a legacy event id), skipping every value
+/// but three strings, so a large body costs a scan, not a tree. The first of a repeated key
+/// counts, as in the walk.
+#[derive(Default)]
 struct Envelope {
     event_type: Option<String>,
     event_id: Option<String>,
 }
 
 fn envelope(body: &[u8]) -> Result<Envelope, PayloadError> {
-    let doc: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
-    let text = |v: Option<&serde_json::Value>| {
-        v.and_then(|v| v.as_str())
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
-    Ok(Envelope {
-        event_type: text(doc.get("event_type")),
-        event_id: text(doc.get("event_id")).or_else(|| text(doc.pointer("/incident/event_id"))),
-    })
+    /// The scalars a visitor below has nothing to take from: "not there".
+    macro_rules! other_values {
+        () => {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Default::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Default::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Default::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Default::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Default::default())
+            }
+        };
+    }
+    struct Top;
+    struct Inner;
+    /// A non-empty string, or nothing for any other value.
+    struct Text;
+
+    impl<'de> DeserializeSeed<'de> for Text {
+        type Value = Option<String>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
+            Ok((!v.is_empty()).then(|| v.to_string()))
+        }
+        other_values!();
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+
+    /// `incident`: its `event_id`, if it is an object that has one.
+    impl<'de> DeserializeSeed<'de> for Inner {
+        type Value = Option<String>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Inner {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut event_id = None;
+            while let Some(key) = map.next_key_seed(KeySeed)? {
+                if key == "event_id" && event_id.is_none() {
+                    event_id = map.next_value_seed(Text)?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(event_id)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<String>, A::Error> {
+            Text.visit_seq(seq)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Default::default())
+        }
+        other_values!();
+    }
+
+    impl<'de> DeserializeSeed<'de> for Top {
+        type Value = Envelope;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Envelope, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Top {
+        type Value = Envelope;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any value")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+            let (mut envelope, mut legacy, mut seen) = (Envelope::default(), None, [false; 3]);
+            while let Some(key) = map.next_key_seed(KeySeed)? {
+                let (slot, first) = match key.as_ref() {
+                    "event_type" => (0, !seen[0]),
+                    "event_id" => (1, !seen[1]),
+                    "incident" => (2, !seen[2]),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                seen[slot] = true;
+                match slot {
+                    _ if !first => drop(map.next_value::<IgnoredAny>()?),
+                    0 => envelope.event_type = map.next_value_seed(Text)?,
+                    1 => envelope.event_id = map.next_value_seed(Text)?,
+                    _ => legacy = map.next_value_seed(Inner)?,
+                }
+            }
+            envelope.event_id = envelope.event_id.or(legacy);
+            Ok(envelope)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Envelope, A::Error> {
+            Text.visit_seq(seq).map(|_| Envelope::default())
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Envelope, E> {
+            Ok(Envelope::default())
+        }
+        other_values!();
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(body);
+    Top.deserialize(&mut de)
+        .and_then(|envelope| de.end().map(|()| envelope))
+        .map_err(|e| PayloadError::NotJson(e.to_string()))
 }
 
 /// The event id, if there is one and it fits a dedup key.
@@ -275,6 +418,8 @@ fn not_utf8(body: &[u8], valid_up_to: usize) -> PayloadError {
 enum Kind {
     Str,
     Int,
+    /// `event_time`, an integer kept (milliseconds since the epoch).
+    EventTime,
     Bool,
     Any,
     /// `i_…` or `a_…`, one the action takes.
@@ -367,7 +512,7 @@ static ENVELOPE: Kind = Kind::Object(&[
     ),
     opt("event_detail", Kind::Object(EVENT_DETAIL)),
     opt("event_id", Kind::Kept(Id::Event)),
-    req("event_time", Kind::Int),
+    req("event_time", Kind::EventTime),
     req("event_type", Kind::EventType),
     opt(
         "incident",
@@ -532,7 +677,7 @@ impl Kind {
         match self {
             Kind::Str | Kind::Enum(..) => "a string",
             Kind::Kept(_) => "a non-empty string",
-            Kind::Int => "an integer",
+            Kind::Int | Kind::EventTime => "an integer",
             Kind::Bool => "a boolean",
             Kind::Any => "any value",
             Kind::EventType => "an event type such as \"i_custom\"",
@@ -623,6 +768,13 @@ impl FieldIndex {
     }
 }
 
+/// Marks field `at` as seen in `mask`; whether it had been seen already.
+fn mark(mask: &mut u64, at: usize) -> bool {
+    let before = *mask & 1 << at != 0;
+    *mask |= 1 << at;
+    before
+}
+
 /// The position of `key` in `fields`, through `index` when the table has one.
 fn find(fields: &[Field], index: Option<&FieldIndex>, key: &str) -> Option<usize> {
     match index {
@@ -682,6 +834,7 @@ struct Ctx<'r, 'de> {
     kind: Option<EventKind>,
     /// `event_type`, as read.
     event_type: Option<Cow<'de, str>>,
+    event_time: Option<i64>,
     /// The ids kept, by [`Id`].
     kept: [Option<Cow<'de, str>>; IDS],
     /// Whether `incident` / `alert` (by [`EventKind`]) was set and passed.
@@ -703,6 +856,10 @@ impl<'de> Ctx<'_, 'de> {
             )));
         }
         let [top, legacy, incident, alert, alert_incident] = self.kept;
+        // With the type last, the other kind's object was walked before it was known to be
+        // an unknown field: what it drifted does not count.
+        let mut drift = self.drift;
+        drift.retain(|(field, _)| drift_owner(*field).is_none_or(|owner| owner == kind));
         let event_id = checked_event_id(top.or(legacy))?;
         let incident_id = match kind {
             EventKind::Incident => incident,
@@ -715,8 +872,12 @@ impl<'de> Ctx<'_, 'de> {
             kind,
             // Required of the kind's object: a payload that passed has it.
             incident_id: incident_id.unwrap_or_default(),
+            event_time_ms: self
+                .event_time
+                .and_then(|ms| u64::try_from(ms).ok())
+                .unwrap_or(0),
             person: self.person,
-            drift: self.drift,
+            drift,
         })
     }
 
@@ -867,10 +1028,17 @@ impl<'de> Seed<'_, '_, 'de> {
         }
     }
 
-    fn integer<E: de::Error>(self, fits: bool, is_zero: bool) -> Result<(), E> {
-        match self.kind {
-            Kind::Int if fits => Ok(()),
-            Kind::Int => Err(self.ctx.fail("integer out of range".into())),
+    /// An integer: `value` when it fits an i64.
+    fn integer<E: de::Error>(self, value: Option<i64>, is_zero: bool) -> Result<(), E> {
+        match (self.kind, value) {
+            (Kind::Int, Some(_)) => Ok(()),
+            (Kind::EventTime, Some(ms)) => {
+                self.ctx.event_time = Some(ms);
+                Ok(())
+            }
+            (Kind::Int | Kind::EventTime, None) => {
+                Err(self.ctx.fail("integer out of range".into()))
+            }
             _ => self.mismatch("a number", is_zero),
         }
     }
@@ -891,16 +1059,18 @@ impl<'de> Visitor<'de> for Seed<'_, '_, 'de> {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.integer(true, v == 0)
+        self.integer(Some(v), v == 0)
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-        self.integer(i64::try_from(v).is_ok(), v == 0)
+        self.integer(i64::try_from(v).ok(), v == 0)
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
         match self.kind {
-            Kind::Int => Err(self.ctx.fail(format!("expected an integer, got {v}"))),
+            Kind::Int | Kind::EventTime => {
+                Err(self.ctx.fail(format!("expected an integer, got {v}")))
+            }
             _ => self.mismatch("a number", v == 0.0),
         }
     }
@@ -958,7 +1128,7 @@ impl<'de> Visitor<'de> for Seed<'_, '_, 'de> {
         };
         match (self.kind, fields) {
             (_, Some(fields)) => {
-                let mut seen: u64 = 0;
+                let (mut seen, mut base_seen) = (0u64, 0u64);
                 let mut entries = 0usize;
                 let index = FieldIndex::of(fields);
                 let base_index = if base.is_empty() {
@@ -968,19 +1138,22 @@ impl<'de> Visitor<'de> for Seed<'_, '_, 'de> {
                 };
                 while let Some(key) = map.next_key_seed(KeySeed)? {
                     entries += 1;
-                    let field = match find(fields, index, &key) {
-                        Some(at) => {
-                            seen |= 1 << at;
-                            &fields[at]
-                        }
+                    // A documented field given twice would mean one thing here and another
+                    // to a parser that keeps the last (the projection, the upstream).
+                    let (field, twice) = match find(fields, index, &key) {
+                        Some(at) => (&fields[at], mark(&mut seen, at)),
                         None => match find(base, base_index, &key) {
-                            Some(at) => &base[at],
+                            Some(at) => (&base[at], mark(&mut base_seen, at)),
                             None => {
                                 map.next_value::<IgnoredAny>()?;
                                 continue;
                             }
                         },
                     };
+                    if twice {
+                        let error = self.ctx.fail("given twice".into());
+                        return self.ctx.wrap(Err(error), || Segment::Field(field.name));
+                    }
                     let seed = Seed {
                         kind: &field.kind,
                         need: field.need,

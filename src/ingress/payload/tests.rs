@@ -594,3 +594,88 @@ fn a_type_the_action_does_not_take_is_unwanted_whatever_the_rest_holds() {
         Err(PayloadError::Invalid(m)) if m.starts_with("event_type: expected a Flashduty event type")
     ));
 }
+
+#[test]
+fn a_documented_field_given_twice_is_refused_wherever_the_type_stands() {
+    // A parser that keeps the last copy (the projection, the upstream) would see another
+    // payload than the one validated.
+    let text = String::from_utf8(fixture("incident_new")).unwrap();
+    let again = |body: &str, extra: &str| {
+        let end = body.trim_end().strip_suffix('}').unwrap().to_string();
+        format!("{end}, {extra}}}")
+    };
+    let twice = again(&text, "\"incident\": null");
+    assert_eq!(
+        refuse(twice.as_bytes()),
+        PayloadError::Invalid("incident: given twice".into())
+    );
+    let last = moved_last(&fixture("incident_new"), &["event_type"]);
+    let last = String::from_utf8(last).unwrap();
+    let twice = last.replacen("\"event_type\":", "\"incident\":{},\"event_type\":", 1);
+    assert_eq!(
+        refuse(twice.as_bytes()),
+        PayloadError::Invalid("incident: given twice".into())
+    );
+    let twice = text.replacen("\"title\":", "\"title\": \"a\", \"title\":", 1);
+    assert_eq!(
+        refuse(twice.as_bytes()),
+        PayloadError::Invalid("incident.title: given twice".into())
+    );
+    // In an alert's base fields too.
+    let alert = String::from_utf8(fixture("alert_new")).unwrap();
+    let twice = alert.replacen("\"labels\":", "\"labels\": {}, \"labels\":", 1);
+    assert_eq!(
+        refuse(twice.as_bytes()),
+        PayloadError::Invalid("alert.labels: given twice".into())
+    );
+}
+
+#[test]
+fn the_other_kinds_object_walked_before_the_type_counts_no_drift() {
+    let body = with(
+        &fixture("incident_new"),
+        "/alert",
+        r#"{"alert_severity": "Fatal"}"#,
+    );
+    assert!(accept(&moved_last(&body, &["event_type"])).drift.is_empty());
+    assert!(check(&moved_last(&body, &["event_type"]), DriftPolicy::Reject).is_ok());
+}
+
+#[test]
+fn event_types_are_short_lowercase_words() {
+    for bad in ["I_NEW", "i_new\u{0}", "i_ünew"] {
+        let body = with(
+            &fixture("incident_new"),
+            "/event_type",
+            &serde_json::to_string(bad).unwrap(),
+        );
+        assert!(
+            matches!(refuse(&body), PayloadError::Invalid(m) if m.starts_with("event_type: expected a Flashduty event type")),
+            "{bad:?}"
+        );
+    }
+    let long = format!("\"i_{}\"", "x".repeat(100));
+    let body = with(&fixture("incident_new"), "/event_type", &long);
+    assert!(matches!(refuse(&body), PayloadError::Invalid(_)));
+}
+
+#[test]
+fn the_envelope_is_read_without_a_tree_and_first_copies_count() {
+    let envelope = |body: &str| {
+        let e = super::envelope(body.as_bytes()).unwrap();
+        (e.event_type, e.event_id)
+    };
+    assert_eq!(
+        envelope(
+            r#"{"x": [1, {"y": 2}], "event_type": "i_new", "event_type": "a_new", "incident": {"event_id": "legacy"}}"#
+        ),
+        (Some("i_new".into()), Some("legacy".into()))
+    );
+    assert_eq!(
+        envelope(r#"{"event_id": "", "incident": 5, "event_type": 7}"#),
+        (None, None)
+    );
+    assert_eq!(envelope("[1, 2]"), (None, None));
+    assert!(super::envelope(b"{\"event_type\": \"i_new\"").is_err());
+    assert!(super::envelope(b"{} {}").is_err());
+}
