@@ -560,14 +560,24 @@ async fn ordered_pass(lane: &Lane, store: &Store, start: impl Fn(u64)) -> Result
             break;
         }
         for id in ids {
-            let found = store
-                .load(id)
-                .await
-                .map_err(|e| log::error!("lane {}: cannot load delivery {id}: {e}", lane.key))?;
-            // None: finished meanwhile.
-            if let Some((record, raw)) = found {
-                let place = Place::of(&raw);
-                lane.with_order(|order| order.add(id, place, record.accepted_ms, record.due_ms));
+            match store.load(id).await {
+                Ok(Some((record, raw))) => {
+                    let place = Place::of(&raw);
+                    lane.with_order(|order| {
+                        order.add(id, place, record.accepted_ms, record.due_ms)
+                    });
+                }
+                Ok(None) => {} // finished meanwhile
+                // Not held, holding nothing: its attempt meets the same error, as on a plain
+                // lane, and the rest of the lane goes on.
+                Err(e) => {
+                    log::error!(
+                        "lane {}: cannot load delivery {id} to order it: {e}",
+                        lane.key
+                    );
+                    let now = now_ms();
+                    lane.with_order(|order| order.add(id, None, now, now));
+                }
             }
         }
         // A backlog is learnt a batch at a time, letting the other lanes run in between.
@@ -583,6 +593,10 @@ async fn ordered_pass(lane: &Lane, store: &Store, start: impl Fn(u64)) -> Result
         start(id);
     }
     let busy = lane.in_flight_ids();
+    if lane.free(busy.len()) == 0 {
+        // Full, held or retired: an attempt that ends wakes the lane.
+        return Ok(None);
+    }
     let known = lane
         .with_order(|order| order.ids().clone())
         .unwrap_or_default();
